@@ -1,0 +1,62 @@
+"""Shared test fixtures: tiny random models built from configs (no hub access anywhere)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FAMILIES = {
+    # family: (config class name, extra kwargs)
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+}
+
+
+def tiny_config(family="llama", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=None, vocab=97, **kw):
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    cls = getattr(transformers, cls_name)
+    head_dim = head_dim or hidden // heads
+    args = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                bos_token_id=2)
+    args.update(extra)
+    args.update(kw)
+    return cls(**args)
+
+
+def tiny_model(family="llama", seed=0, dtype=torch.float32, attn_implementation="sdpa", **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **kw)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()
+
+
+def randomize_retention(model, scale=0.5, seed=1):
+    """Give adapter heads random weights so that some tokens are evicted (fresh heads evict nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "dms_retention.proj" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def make_tiny_model():
+    return tiny_model
+
+
+@pytest.fixture
+def randomize():
+    return randomize_retention
