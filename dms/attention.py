@@ -140,15 +140,21 @@ def decision_logits(module, state: DMSState) -> torch.Tensor:
     return logits
 
 
-def _record(state: DMSState, layer_idx: int, hard: torch.Tensor, valid: torch.Tensor):
-    """Keep per-layer sums of hard decisions ``[B, T, Hkv]`` over positions that have a decision."""
+def _record(state: DMSState, layer_idx: int, hard: torch.Tensor, valid: torch.Tensor, keep_mask: bool = False):
+    """Keep per-layer sums of hard decisions ``[B, T, Hkv]`` over positions that have a decision.
+
+    With ``keep_mask`` (inference semantics) the boolean decisions are kept too, for the memory CR.
+    """
     if not state.collect_stats:
         return
     w = valid.to(hard.dtype)[..., None]
-    state.records[layer_idx] = {
+    rec = {
         "evicted": (hard * w).sum(dim=(0, 1)),  # [Hkv], differentiable (straight-through)
         "count": w.sum(),
     }
+    if keep_mask:
+        rec["evict_mask"] = (hard > 0.5) & valid[..., None]
+    state.records[layer_idx] = rec
 
 
 def decision_valid(doc_ids: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
@@ -197,7 +203,7 @@ def dms_attention_forward(module, query, key, value, attention_mask=None, scalin
     else:
         evict = (shifted > 0) & valid[..., None]
         log_keep = torch.zeros_like(shifted).masked_fill(evict, float("-inf"))
-        _record(state, module.layer_idx, evict.float(), valid)
+        _record(state, module.layer_idx, evict.float(), valid, keep_mask=True)
         kernel = get_train_kernel(cfg.attention_impl, query.device)
     log_keep = log_keep.transpose(1, 2).contiguous()  # [B, Hkv, T]
     o, _ = kernel(query, key, value, log_keep, cfg.window, doc_ids, scaling)
