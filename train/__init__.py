@@ -1,0 +1,1 @@
+"""Entry points (installed as `dms_train`): `accelerate launch train/retrofit.py ...`."""
