@@ -134,7 +134,7 @@ def _looks_local(source: str) -> bool:
         return True
     if any(ch in source for ch in "*?["):
         return True
-    if source.startswith(("/", "./", "../", "~")) or os.sep + os.sep in source:
+    if source.startswith(("/", "./", "../", "~")):
         return True
     return _builder_for(source) is not None
 
@@ -195,8 +195,13 @@ def load_texts(cfg: DataConfig) -> "datasets.Dataset":  # noqa: F821 (lazy impor
         kwargs: dict[str, Any] = {}
         if builder == "text":
             kwargs["sample_by"] = "document"  # a .txt file is one document, not one per line
-        ds = datasets.load_dataset(builder, data_files={_split_base(cfg.split): files}, split=cfg.split, **kwargs)
         where = f"{cfg.source!r} ({len(files)} file(s))"
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise ValueError(f"{where} is empty: every matching file has 0 bytes, no documents to train on")
+        try:
+            ds = datasets.load_dataset(builder, data_files={_split_base(cfg.split): files}, split=cfg.split, **kwargs)
+        except (StopIteration, datasets.exceptions.DatasetGenerationError) as exc:
+            raise ValueError(f"could not read {where} as {builder!r} files: {type(exc).__name__}: {exc}") from exc
         field = TEXT_COLUMN if builder == "text" else cfg.text_field
     else:
         try:
