@@ -29,6 +29,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self.columns = 0  # all columns processed, padding included (what HF calls the sequence length)
         self.peak_tokens = 0  # largest number of (row, head, token) entries held at once
         self.held_history: list[int] = []  # tokens held after each call, for the CR averaged over decoding
+        self.seen_history: list[int] = []  # (row, head) tokens seen after each call
 
     # --- transformers Cache protocol -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -145,6 +146,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self.seen = self.seen + n_valid
         self._prune(self.seen, window)
         self.held_history.append(int((self.pos >= 0).sum()))
+        self.seen_history.append(int(self.seen.sum()) * Hkv)
         return out
 
 
@@ -194,7 +196,11 @@ class DMSCache(Cache):
 
     # --- statistics --------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Tokens seen/held, memory CR (overall, per layer, per head), bytes held and peak."""
+        """Tokens seen/held, memory CR (overall, per layer, per head), bytes held and peak.
+
+        ``tokens_seen`` counts sequence tokens (summed over rows); ``tokens_held`` and
+        ``kv_entries_seen`` count (layer, KV head, token) entries, so ``memory_cr`` is their ratio.
+        """
         layers = [l for l in self.layers if l.is_initialized]
         if not layers:
             return {"tokens_seen": 0, "tokens_held": 0, "memory_cr": 1.0}
@@ -207,9 +213,12 @@ class DMSCache(Cache):
         per_head = (seen.sum() / held.sum(dim=1).clamp(min=1)).tolist()  # [L][Hkv]
         bytes_per_token = layers[0].keys.element_size() * (layers[0].keys.shape[-1] + layers[0].values.shape[-1])
         hist = [sum(x) for x in zip(*[l.held_history for l in layers])]
+        seen_hist = [sum(x) for x in zip(*[l.seen_history for l in layers])]
+        per_call_cr = [s / max(h, 1) for s, h in zip(seen_hist, hist)]
         return {
             "tokens_seen": int(seen.sum()),
             "tokens_held": held_total,
+            "kv_entries_seen": seen_total,
             "memory_cr": seen_total / max(held_total, 1),
             "memory_cr_per_layer": per_layer,
             "memory_cr_per_head": per_head,
@@ -217,4 +226,8 @@ class DMSCache(Cache):
             "bytes_dense": seen_total * bytes_per_token,
             "peak_tokens_held": sum(l.peak_tokens for l in layers),
             "held_per_call": hist,
+            # memory CR after each forward call (prefill, then every decode step), and its mean over decoding
+            "memory_cr_per_call": per_call_cr,
+            "memory_cr_mean_decoding": sum(per_call_cr[1:]) / max(len(per_call_cr) - 1, 1) if len(per_call_cr) > 1
+            else (per_call_cr[0] if per_call_cr else 1.0),
         }
