@@ -97,7 +97,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self.pos = torch.gather(self.pos, 2, order).masked_fill(~keep_s, -1)
         self.evict = torch.gather(self.evict, 2, order) & keep_s
 
-    def attend(self, query, key, value, logits, valid, window: int, scaling: float) -> torch.Tensor:
+    def attend(self, query, key, value, logits, valid, window: int, scaling: float, return_lse: bool = False):
         """Append a chunk, apply decisions, attend with the hard mask, prune.
 
         Args:
@@ -105,7 +105,8 @@ class DMSCacheLayer(CacheLayerMixin):
             logits ``[B, Tn, Hkv]`` eviction logits of the new columns (evict iff > 0);
             valid ``[B, Tn]`` bool, False for padding columns (never cached), or None.
         Returns:
-            ``[B, H, Tn, D]`` attention output (zeros for padding queries).
+            ``[B, H, Tn, D]`` attention output (zeros for padding queries); with ``return_lse`` also
+            the log-sum-exp ``[B, H, Tn]`` of the scores.
         """
         if not self.is_initialized:
             self.lazy_initialization(key, value)
@@ -142,7 +143,8 @@ class DMSCacheLayer(CacheLayerMixin):
         held_now = int((self.pos >= 0).sum())
         self.peak_tokens = max(self.peak_tokens, held_now)
 
-        out = masked_attention(query, self.keys, self.values, new_pos, self.pos, self.evict, window, scaling)
+        out = masked_attention(query, self.keys, self.values, new_pos, self.pos, self.evict, window, scaling,
+                               return_lse=return_lse)
         self.seen = self.seen + n_valid
         self._prune(self.seen, window)
         self.held_history.append(int((self.pos >= 0).sum()))
@@ -150,13 +152,15 @@ class DMSCacheLayer(CacheLayerMixin):
         return out
 
 
-def masked_attention(query, keys, values, q_pos, k_pos, k_evict, window: int, scaling: float, q_chunk: int = 256):
+def masked_attention(query, keys, values, q_pos, k_pos, k_evict, window: int, scaling: float, q_chunk: int = 256,
+                     return_lse: bool = False):
     """Eager fp32 attention with the DMS hard mask over explicitly positioned keys.
 
     query ``[B, H, Tq, D]``; keys/values ``[B, Hkv, S, D]``; q_pos ``[B, Tq]`` (-1 = padding query);
     k_pos ``[B, Hkv, S]`` (-1 = empty); k_evict ``[B, Hkv, S]``. Key ``s`` is visible to query ``i`` iff
     ``0 <= k_pos <= q_pos`` and not (``k_evict`` and ``q_pos - k_pos > window``). Queries with no
-    visible key (padding) return zeros. Processed in query chunks to bound memory.
+    visible key (padding) return zeros (and lse = -inf). Processed in query chunks to bound memory.
+    With ``return_lse`` also returns the fp32 log-sum-exp ``[B, H, Tq]`` (to merge partial attentions).
     """
     B, H, Tq, D = query.shape
     Hkv = keys.shape[1]
@@ -165,7 +169,7 @@ def masked_attention(query, keys, values, q_pos, k_pos, k_evict, window: int, sc
     vf = values.float().repeat_interleave(g, dim=1)
     kp = k_pos.repeat_interleave(g, dim=1)[:, :, None, :]  # [B, H, 1, S]
     ke = k_evict.repeat_interleave(g, dim=1)[:, :, None, :]
-    outs = []
+    outs, lses = [], []
     for s in range(0, Tq, q_chunk):
         q = query[:, :, s:s + q_chunk].float()
         qp = q_pos[:, None, s:s + q_chunk, None]  # [B, 1, tq, 1]
@@ -174,7 +178,12 @@ def masked_attention(query, keys, values, q_pos, k_pos, k_evict, window: int, sc
         scores = scores.masked_fill(~vis, float("-inf"))
         p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         outs.append(torch.matmul(p, vf))
-    return torch.cat(outs, dim=2).to(query.dtype)
+        if return_lse:
+            lses.append(torch.logsumexp(scores, dim=-1))
+    out = torch.cat(outs, dim=2).to(query.dtype)
+    if return_lse:
+        return out, torch.cat(lses, dim=2)
+    return out
 
 
 class DMSCache(Cache):

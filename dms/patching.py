@@ -150,8 +150,17 @@ def _wrap_generate(model):
     def generate(self, *args, **kwargs):
         from .cache import DMSCache
 
+        shared = kwargs.pop("dms_shared_prefix", True)
         if self._dms_state.enabled and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = DMSCache(self)
+            if shared:  # W samples of a prompt share one copy of its pruned KV (dms/shared_prefix.py)
+                from .shared_prefix import maybe_generate_shared
+
+                out = maybe_generate_shared(self, original, args, kwargs)
+                if out is not None:
+                    return out
+            from .paged_cache import make_cache  # paged on CUDA, reference elsewhere, or dms.load(cache=...)
+
+            kwargs["past_key_values"] = make_cache(self, getattr(self, "_dms_cache_kind", "auto"))
         return original(*args, **kwargs)
 
     model.generate = types.MethodType(generate, model)

@@ -1,0 +1,209 @@
+"""Shared-prefix parallel sampling on the DMS cache (Hydragen-style prefix/suffix attention).
+
+``W`` samples of one prompt share one copy of the prompt's (already DMS-compressed) KV; each sample
+keeps only its own pruned suffix. A decode step splits attention exactly in two:
+
+- prefix: the queries of all ``W`` samples (and all query heads of a KV group) attend to the shared
+  prefix at once, ``[W * G, D] x [D, S_prefix]`` per KV head, reading the prefix KV a single time;
+- suffix: each sample attends to its own tokens (reference DMS cache layer);
+
+and the two partial results are merged exactly through their log-sum-exps.
+
+Eviction keeps working in both parts. The prompt's decisions are the same for every sample (the
+same tokens decide), so a prefix token evicted by them is gone for all samples once it leaves the
+window. The last prompt token is the one exception: its decision is made by each sample's first
+generated token, so it is not part of the shared prefix but of every sample's suffix.
+
+``model.generate(..., num_return_sequences=W)`` of a retrofitted model uses this automatically for
+sampling (not beam search); ``dms_shared_prefix=False`` turns it off.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .cache import DMSCache, DMSCacheLayer
+
+
+def _prefix_attention(query, keys, values, visible, scaling, samples):
+    """Prefix part: Triton on CUDA, the fp32 reference elsewhere (``dms_kernels.prefix_attention``)."""
+    from dms_kernels.prefix_attention import prefix_attention
+
+    impl = "triton" if query.is_cuda else "reference"
+    return prefix_attention(query, keys, values, visible, scaling, samples, impl=impl)
+
+
+def merge_partials(o1, lse1, o2, lse2):
+    """Exact merge of two attention results over disjoint key sets: ``o [..., D]``, ``lse [...]``."""
+    m = torch.maximum(lse1, lse2)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    den = (w1 + w2).clamp(min=1e-30)
+    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / den[..., None]
+    return out.to(o1.dtype)
+
+
+class SharedPrefixLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, prefix: DMSCacheLayer, samples: int, compact_every: int = 32):
+        super().__init__()
+        self.samples = samples
+        self.pk, self.pv = prefix.keys, prefix.values  # [G, Hkv, S, D], one copy per prompt
+        self.ppos, self.pevict = prefix.pos, prefix.evict
+        self.pseen = prefix.seen  # [G]
+        self.suffix = DMSCacheLayer()
+        self.columns = prefix.columns
+        self.compact_every = compact_every
+        self.steps = 0
+        self.is_initialized = True
+        self.keys = self.pk  # what HF's generic helpers look at (device/dtype)
+        self.values = self.pv
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int):
+        return self.columns + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx):
+        raise ValueError("the shared-prefix cache does not support beam search; pass dms_shared_prefix=False")
+
+    def batch_select_indices(self, indices):
+        raise ValueError("the shared-prefix cache cannot drop samples; pass dms_shared_prefix=False")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise ValueError("the shared-prefix cache already holds every sample; pass dms_shared_prefix=False")
+
+    def _compact_prefix(self, next_pos: torch.Tensor, window: int):
+        dead = self.pevict & ((next_pos[:, None, None] - self.ppos) > window)
+        if not bool(dead.any()):
+            return
+        tmp = DMSCacheLayer()
+        tmp.keys, tmp.values, tmp.pos, tmp.evict = self.pk, self.pv, self.ppos, self.pevict
+        tmp._prune(next_pos, window)
+        self.pk, self.pv, self.ppos, self.pevict = tmp.keys, tmp.values, tmp.pos, tmp.evict
+        self.keys, self.values = self.pk, self.pv
+
+    def held_tokens(self) -> torch.Tensor:
+        """``[G * W, Hkv]`` entries each sample can use (its group's shared prefix + its own suffix)."""
+        pre = (self.ppos >= 0).sum(-1).repeat_interleave(self.samples, 0)
+        return pre + (self.suffix.held_tokens() if self.suffix.is_initialized else 0)
+
+    def attend(self, query, key, value, logits, valid, window: int, scaling: float) -> torch.Tensor:
+        B, H, Tn, D = query.shape
+        W = self.samples
+        G = self.pk.shape[0]
+        if Tn != 1 or B != G * W:
+            raise ValueError(
+                f"the shared-prefix cache decodes one token per step for {G} prompts x {W} samples; got a chunk "
+                f"of {Tn} tokens for batch {B}. Continue a conversation with a plain DMSCache instead.")
+        if valid is not None and not bool(valid.all()):
+            raise ValueError("the shared-prefix cache got padding in a decode step; pass dms_shared_prefix=False")
+        if not self.suffix.is_initialized:
+            self.suffix.lazy_initialization(key, value)
+            self.suffix.seen = self.pseen.repeat_interleave(W, 0).clone()
+            # The last prompt token (first suffix token) decides about the prefix's last key. Every sample of
+            # a group processes the same token here, so sample 0's decision is the group's decision.
+            first = logits[::W, 0]  # [G, Hkv]
+            pending = (self.ppos == (self.pseen - 1)[:, None, None]) & (self.pseen > 0)[:, None, None]
+            self.pevict = self.pevict | (pending & (first > 0)[..., None])
+        qpos = self.suffix.seen[::W]  # [G] position of this step's query (same for all samples of a group)
+        visible = (self.ppos >= 0) & (self.ppos <= qpos[:, None, None]) & ~(
+            self.pevict & ((qpos[:, None, None] - self.ppos) > window))
+        o_p, lse_p = _prefix_attention(query, self.pk, self.pv, visible, scaling, W)
+        o_s, lse_s = self.suffix.attend(query, key, value, logits, valid, window, scaling, return_lse=True)
+        self.columns += Tn
+        self.steps += 1
+        if self.steps % self.compact_every == 0:  # prefix entries die only in the first `window` steps
+            self._compact_prefix(qpos + 1, window)
+        return merge_partials(o_p, lse_p, o_s, lse_s)
+
+
+class SharedPrefixDMSCache(Cache):
+    """DMS cache for ``W`` samples per prompt with one shared copy of each prompt's pruned KV.
+
+    Build it with :meth:`from_prompts`; ``model.generate(num_return_sequences=W)`` does so itself.
+    """
+
+    def __init__(self, layers: list[SharedPrefixLayer]):
+        super().__init__(layers=layers)
+        self.samples = layers[0].samples
+
+    @classmethod
+    @torch.no_grad()
+    def from_prompts(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, samples: int):
+        """Prefill ``input_ids [G, T]`` minus the last token once, and share it among ``samples`` samples."""
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1; got {samples}")
+        if input_ids.shape[1] < 2:
+            raise ValueError("a shared prefix needs prompts of at least 2 tokens")
+        prefix_cache = DMSCache(model)
+        am = attention_mask[:, :-1] if attention_mask is not None else None
+        was = model.training
+        model.eval()
+        # Positions as generate() computes them for left-padded rows, so the prefix's RoPE matches the decode steps.
+        pos = None
+        if am is not None:
+            pos = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
+        model(input_ids=input_ids[:, :-1], attention_mask=am, position_ids=pos, past_key_values=prefix_cache,
+              use_cache=True)
+        model.train(was)
+        return cls([SharedPrefixLayer(layer, samples) for layer in prefix_cache.layers])
+
+    def dms_attend(self, layer_idx, query, key, value, logits, valid, window, scaling):
+        return self.layers[layer_idx].attend(query, key, value, logits, valid, window, scaling)
+
+    def stats(self) -> dict:
+        """Entries held (shared prefix counted once), per-sample view, and prefix bytes (constant in W)."""
+        shared = sum(int((l.ppos >= 0).sum()) for l in self.layers)
+        suffix = sum(int(l.suffix.held_tokens().sum()) for l in self.layers if l.suffix.is_initialized)
+        per_sample = sum(int(l.held_tokens().sum()) for l in self.layers)
+        l0 = self.layers[0]
+        bpe = l0.pk.element_size() * (l0.pk.shape[-1] + l0.pv.shape[-1])
+        seen = l0.suffix.seen if l0.suffix.is_initialized else l0.pseen.repeat_interleave(self.samples)
+        kv_seen = int(seen.sum()) * l0.pk.shape[1] * len(self.layers)
+        return {
+            "samples_per_prompt": self.samples,
+            "prefix_entries_held": shared,
+            "suffix_entries_held": suffix,
+            "tokens_held": shared + suffix,
+            "per_sample_entries_held": per_sample,
+            "kv_entries_seen": kv_seen,
+            "memory_cr": kv_seen / max(per_sample, 1),  # what each sample sees vs a dense per-sample cache
+            "prefix_bytes": sum(l.pk.numel() + l.pv.numel() for l in self.layers) * l0.pk.element_size(),
+            "bytes_held": (shared + suffix) * bpe,
+            "bytes_dense": kv_seen * bpe,
+        }
+
+
+def maybe_generate_shared(model, original_generate, args, kwargs):
+    """``generate`` through a shared-prefix cache when it applies; returns None to fall back."""
+    if not kwargs.pop("dms_shared_prefix", True):
+        return None
+    gc = kwargs.get("generation_config") or model.generation_config
+    W = kwargs.get("num_return_sequences") or getattr(gc, "num_return_sequences", 1) or 1
+    beams = kwargs.get("num_beams") or getattr(gc, "num_beams", 1) or 1
+    ids = args[0] if args else kwargs.get("input_ids")
+    if W <= 1 or beams > 1 or ids is None or ids.dim() != 2 or ids.shape[1] < 2 or kwargs.get("streamer"):
+        return None
+    am = kwargs.get("attention_mask")
+    cache = SharedPrefixDMSCache.from_prompts(model, ids, am, W)
+    kwargs = dict(kwargs)
+    kwargs.pop("input_ids", None)
+    kwargs["num_return_sequences"] = 1
+    kwargs["past_key_values"] = cache
+    if am is not None:
+        kwargs["attention_mask"] = am.repeat_interleave(W, 0)
+    return original_generate(ids.repeat_interleave(W, 0), *args[1:], **kwargs)
