@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Benchmark shared-prefix parallel sampling on the DMS cache (writes docs/results/shared_prefix.json).
+
+Model: Llama-3-8B's layer shapes (hidden 4096, 32 query heads, 8 KV heads, head dim 128, MLP 14336,
+vocab 128256), random bf16 weights, ``--layers`` decoder layers (default 4: a W=64 x 16K dense cache
+for 32 layers needs 128 GiB, more than the GPU has; per-step times are reported for the layers run,
+and per layer). Retention heads are calibrated on the prompt so that 7 of 8 decided tokens are
+evicted (a CR-8 pattern, different per head).
+
+For each prompt length P and sample count W, one decode step (all W samples, one token each) with:
+- ``shared``: SharedPrefixDMSCache: one copy of the pruned prompt KV, Triton prefix attention for all
+  samples' queries at once, per-sample suffix, exact LSE merge;
+- ``per_sample_dms``: the same cache code and kernels, but each sample holds its own copy of the pruned
+  prompt (samples=1 per group, W groups): the prefix KV is read W times;
+- ``dense``: transformers' own step with SDPA and its default DynamicCache over W full copies.
+Also the prefix-attention kernel alone (shared vs per-sample copies). Memory: prefix bytes (constant in
+W) and the largest W that fits on the GPU at P = 32K, computed from measured bytes per sample.
+
+    python scripts/bench_shared_prefix.py                 # GPU, full grid
+    python scripts/bench_shared_prefix.py --tiny          # CPU smoke test (small shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", default="4096,16384,32768")
+    p.add_argument("--samples", default="8,32,64,128")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--cr", type=float, default=8.0)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
+    p.add_argument("--out", default="docs/results/shared_prefix.json")
+    return p.parse_args(argv)
+
+
+def build_model(args, device, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if args.tiny:
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    else:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                          rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def calibrate_cr(model, ids, cr):
+    """Random retention weights, then per-head bias so that a fraction 1 - 1/cr of decisions evict."""
+    import torch
+
+    import dms
+
+    state = dms.dms_state(model)
+    heads = [m for n, m in model.named_modules() if n.endswith("dms_retention")]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    zs = []
+    hooks = []
+    for h in heads:
+        h.proj.weight.data.copy_(torch.randn(h.proj.weight.shape, generator=g) * 0.02)
+        hooks.append(h.register_forward_hook(lambda m, a, out: zs.append(out.detach())))
+    with torch.no_grad(), dms.dms_disabled(model):
+        state.config.enabled = True  # run the heads, but on a short sample of the prompt
+        model(ids[:, : min(ids.shape[1], 2048)])
+    for hk in hooks:
+        hk.remove()
+    cfg = state.config
+    for h, z in zip(heads, zs):
+        # l = scale * (z + b) - offset > 0 for the top (1 - 1/cr) of z per head
+        q = torch.quantile(z[0].float(), 1.0 / cr, dim=0)  # [Hkv]
+        h.proj.bias.data.copy_(cfg.alpha_offset / cfg.alpha_scale - q.to(h.proj.bias.device) + 1e-4)
+
+
+def timeit(fn, iters, sync):
+    for _ in range(2):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import DynamicCache
+
+    import dms
+    from dms.shared_prefix import SharedPrefixDMSCache, SharedPrefixLayer
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print("error: the full benchmark needs a GPU; use --tiny for a CPU smoke test", file=sys.stderr)
+        return 2
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    prompts = [int(x) for x in args.prompts.split(",")] if not args.tiny else [64, 128]
+    samples = [int(x) for x in args.samples.split(",")] if not args.tiny else [2, 4]
+    window = args.window if not args.tiny else 8
+    iters = args.iters if not args.tiny else 2
+
+    model = build_model(args, device, dtype)
+    dense_model = model  # the same weights before the patch serve the dense baseline
+    rows = []
+    from dms_kernels.prefix_attention import prefix_attention
+
+    for P in prompts:
+        torch.manual_seed(P)
+        ids = torch.randint(0, model.config.vocab_size, (1, P), device=device)
+        # dense baseline first (the model is patched below)
+        for W in samples:
+            row = {"prompt": P, "samples": W}
+            # after the first prompt the model is patched: DMS off is the original model (bit-identical)
+            off = dms.dms_disabled(model) if hasattr(model, "_dms_state") else contextlib.nullcontext()
+            try:
+                with torch.no_grad(), off:
+                    dc = DynamicCache(config=dense_model.config)
+                    dense_model(ids, past_key_values=dc)
+                    dc.batch_repeat_interleave(W)
+                    tok = torch.randint(0, 100, (W, 1), device=device)
+                    pos = torch.full((W, 1), P, device=device)
+                    n_before = dc.get_seq_length()
+
+                    def dense_step():
+                        dense_model(tok, past_key_values=dc, position_ids=pos)
+                        for layer in dc.layers:  # drop the step's token (crop()'s sign differs across versions)
+                            layer.keys = layer.keys[..., :n_before, :]
+                            layer.values = layer.values[..., :n_before, :]
+
+                    row["dense_ms"] = timeit(dense_step, iters, sync)
+                    row["dense_kv_bytes"] = sum(l.keys.numel() + l.values.numel() for l in dc.layers) * dc.layers[0].keys.element_size()
+                del dc
+            except torch.OutOfMemoryError:
+                row["dense_ms"] = None
+                row["dense_kv_bytes"] = None
+            if cuda:
+                torch.cuda.empty_cache()
+            rows.append(row)
+        # DMS
+        if not hasattr(model, "_dms_state"):
+            dms.retrofit(model, dms.DMSConfig(window=window, attention_impl="eager"))
+            for h in [m for n, m in model.named_modules() if n.endswith("dms_retention")]:
+                h.to(device)
+        calibrate_cr(model, ids, args.cr)
+        with torch.no_grad():
+            base = SharedPrefixDMSCache.from_prompts(model, ids, None, 1)
+        L0 = base.layers[0]
+        held_frac = float((L0.ppos >= 0).float().mean()) if L0.ppos.numel() else 0.0
+        for row in [r for r in rows if r["prompt"] == P]:
+            W = row["samples"]
+            tok = torch.randint(0, 100, (W, 1), device=device)
+            pos = torch.full((W, 1), P - 1, device=device)
+
+            def fresh(per_sample: bool):
+                layers = []
+                for l in base.layers:
+                    nl = SharedPrefixLayer.__new__(SharedPrefixLayer)
+                    nl.__dict__.update(l.__dict__)
+                    from dms.cache import DMSCacheLayer
+
+                    nl.suffix = DMSCacheLayer()
+                    if per_sample:  # W groups of one sample, each with its own copy of the prompt KV
+                        nl.samples = 1
+                        for name in ("pk", "pv", "ppos", "pevict", "pseen"):
+                            setattr(nl, name, getattr(l, name).repeat_interleave(W, 0).contiguous())
+                        nl.keys, nl.values = nl.pk, nl.pv
+                    else:
+                        nl.samples = W
+                    layers.append(nl)
+                return SharedPrefixDMSCache(layers)
+
+            for kind in ("shared", "per_sample_dms"):
+                try:
+                    with torch.no_grad():
+                        cache = fresh(kind == "per_sample_dms")
+                        model(tok, past_key_values=cache, position_ids=pos)  # the last prompt token: suffix starts
+                        snapshot = [(l.suffix.keys, l.suffix.values, l.suffix.pos, l.suffix.evict, l.suffix.seen,
+                                     l.columns, l.steps) for l in cache.layers]
+                        pos2 = pos + 1
+
+                        def step():
+                            model(tok, past_key_values=cache, position_ids=pos2)
+                            for l, s in zip(cache.layers, snapshot):
+                                (l.suffix.keys, l.suffix.values, l.suffix.pos, l.suffix.evict, l.suffix.seen,
+                                 l.columns, l.steps) = s
+
+                        row[f"{kind}_ms"] = timeit(step, iters, sync)
+                        row[f"{kind}_prefix_bytes"] = cache.stats()["prefix_bytes"]
+                    del cache
+                except torch.OutOfMemoryError:
+                    row[f"{kind}_ms"] = None
+                if cuda:
+                    torch.cuda.empty_cache()
+            # the prefix attention kernel alone, one layer
+            H, Hkv, D = model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim
+            q = torch.randn(W, H, 1, D, device=device, dtype=dtype)
+            vis = L0.ppos >= 0
+            impl = "triton" if cuda else "reference"
+            row["kernel_shared_ms"] = timeit(lambda: prefix_attention(q, L0.pk, L0.pv, vis, D ** -0.5, W, impl=impl),
+                                             iters, sync)
+            pk, pv, pvis = (t.repeat_interleave(W, 0) for t in (L0.pk, L0.pv, vis))
+            row["kernel_per_sample_ms"] = timeit(lambda: prefix_attention(q, pk, pv, pvis, D ** -0.5, 1, impl=impl),
+                                                 iters, sync)
+            del pk, pv, pvis
+            row["prefix_held_fraction"] = held_frac
+            print(json.dumps(row), flush=True)
+
+    def ratio(a, b):
+        return None if (a is None or b is None) else a / b
+
+    def pick(P, W):
+        return next((r for r in rows if r["prompt"] == P and r["samples"] == W), None)
+
+    key = pick(16384, 64) or rows[-1]
+    summary = {
+        "speedup_vs_per_sample_w64_16k": ratio(key.get("per_sample_dms_ms"), key.get("shared_ms")),
+        "speedup_vs_dense_w64_16k": ratio(key.get("dense_ms"), key.get("shared_ms")),
+        "kernel_speedup_vs_per_sample_w64_16k": ratio(key.get("kernel_per_sample_ms"), key.get("kernel_shared_ms")),
+    }
+    # Largest W at 32K: weights (all 32 layers of the real model) + W x per-sample KV must fit in memory.
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        n_params_full = 8.03e9
+        free = total * 0.95 - n_params_full * 2
+        P = max(prompts)
+        r = [x for x in rows if x["prompt"] == P]
+        per_tok_dense = 2 * 8 * 128 * 2 * 32  # K and V, 8 KV heads, dim 128, bf16, 32 layers
+        dense_per_sample = per_tok_dense * P
+        prefix_once = held_frac * dense_per_sample
+        suffix_per_sample = per_tok_dense * (window + 1024)  # window + 1K generated tokens, generous
+        summary["max_w_32k_dense"] = int(free // dense_per_sample)
+        summary["max_w_32k_dms"] = int((free - prefix_once) // suffix_per_sample)
+        summary["max_w_note"] = ("computed for the full 32-layer model from bytes per token: weights 16.1 GB, "
+                                 "dense KV per sample P*131072 B, DMS: the pruned prefix once + each sample's "
+                                 "window + 1024 generated tokens")
+    import transformers
+    import triton
+
+    result = {
+        "name": "shared_prefix", "rows": rows, "summary": summary,
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
+        "date": datetime.date.today().isoformat(),
+        "command": "python scripts/bench_shared_prefix.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": f"Llama-3-8B layer shapes, {args.layers} layers, random bf16 weights, CR-{args.cr:g} retention pattern",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\n| prompt | W | shared ms | per-sample DMS ms | dense ms | speedup vs per-sample | vs dense |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        f = lambda x: "OOM" if x is None else f"{x:.2f}"
+        print(f"| {r['prompt']} | {r['samples']} | {f(r.get('shared_ms'))} | {f(r.get('per_sample_dms_ms'))} | "
+              f"{f(r.get('dense_ms'))} | {f(ratio(r.get('per_sample_dms_ms'), r.get('shared_ms')))} | "
+              f"{f(ratio(r.get('dense_ms'), r.get('shared_ms')))} |")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
