@@ -1,0 +1,267 @@
+"""Fused Triton forward for DMS training attention (semantics: reference.py).
+
+One program computes ``BLOCK_M`` query rows of one query head with an online softmax over key tiles
+of ``BLOCK_N`` keys. Key tiles are classified once per program, so that only the tiles that need it
+do per-element mask work (``q``/``k`` below are positions, ``W`` the window):
+
+* FAR    (every ``q - k > W``): ``log_keep[k]`` enters through the tensor cores (a K=16 product
+  ``ones x [hi; lo]`` accumulated onto q.k, see :func:`split_log_keep`), no per-element work at all;
+  ``DMS_ATTN_BIAS_MMA=0`` adds it elementwise instead (1.41x slower forward, see ``_fwd_tiles``);
+* MIXED  (the window edge crosses the tile): elementwise ``where(q - k > W, s + log_keep, s)``;
+* NEAR   (every ``q - k <= W``, all keys before the first query): plain causal-free tile;
+* DIAG   (tiles on the diagonal): causal mask (+ window mask) and the ``k < T`` bound.
+
+Tiles before the first key that shares a document with any query of the block are skipped (for
+contiguous documents that is every cross-document tile); the document mask is applied elementwise
+only when document ids are given. With ``HAS_DMS=False`` the same tiling runs as plain causal flash
+attention (the "no mask" baseline of the benchmark). Memory is O(T): no T x T buffer.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Set by tests: allocate outputs filled with NaN so that an unwritten element fails the comparison.
+POISON_OUTPUTS = os.environ.get("DMS_ATTN_POISON", "0") == "1"
+
+
+def _empty(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Mode ids of the key/query tiles (see the module docstring).
+NEAR, FAR, MIXED, DIAG = 0, 1, 2, 3
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, stride_kt,
+               start, end, T, W, qk_scale,
+               MODE: tl.constexpr, HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr,
+               BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr):
+    # MODE 4 is FAR with log_keep added by the tensor cores; modes 1-3 add it elementwise.
+    offs_n0 = tl.arange(0, BLOCK_N)
+    r16 = tl.arange(0, 16)
+    if HAS_DMS and MODE % 4 != 0:
+        lk_next = tl.load(lk_ptr + start + offs_n0, mask=(start + offs_n0) < T, other=0.0)
+    # Scores stay in raw q.k units until the exp: log_keep is pre-divided by the scale, so that
+    # scale, log2(e) and the row max fold into one FMA per element (as without the DMS term).
+    lk_mul = 1.4426950408889634 / qk_scale
+    for n0 in tl.range(start, end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        kmask = offs_n < T
+        if HAS_DMS and MODE % 4 != 0:
+            # Software prefetch of the next tile's log_keep (measured: no gain, 7.16 vs 7.25 ms).
+            lk = lk_next * lk_mul
+            nxt = offs_n + BLOCK_N
+            lk_next = tl.load(lk_ptr + nxt, mask=nxt < T, other=0.0)
+        # K loaded transposed [D, BLOCK_N]; only diagonal tiles can run past T.
+        if MODE == 3:
+            kt = tl.load(k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        else:
+            kt = tl.load(k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None])
+        s = tl.dot(q, kt, input_precision=IN_PREC)
+        if MODE == 4:
+            # FAR tiles: the tensor cores add log_keep, as a K=16 product ones[BLOCK_M, 16] x lk2[16, BLOCK_N]
+            # whose rows 0/1 hold log_keep/scale split into q.dtype hi + lo parts (~2^-16 relative error in
+            # bf16). An elementwise add of a per-column vector here cost the forward 1.41x over no mask
+            # (7.16 vs 4.70 ms at L=8192 on H100, tiles 128x128), the dQ kernel 1.30x.
+            lkt = tl.load(lk2_ptr + r16[:, None] * T + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
+            s = tl.dot(ones, lkt, s, input_precision=IN_PREC)
+        if HAS_DMS and MODE % 4 != 0:
+            if MODE == 1:
+                s = s + lk[None, :]
+            else:
+                far = (offs_m[:, None] - offs_n[None, :]) > W
+                s = tl.where(far, s + lk[None, :], s)
+        if MODE == 3:
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        if HAS_DOC:
+            kdoc = tl.load(kdoc_ptr + offs_n, mask=kmask, other=-1)
+            s = tl.where(qdoc[:, None] == kdoc[None, :], s, float("-inf"))
+        # m_i starts finite (-1e30) so a row that is fully masked in this tile gives p = 0, never NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MODE == 3:
+            v = tl.load(v_ptr + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr + offs_n[:, None] * stride_kt + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=IN_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["T", "W"])
+def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE,
+                    sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
+                    H, T, W, qk_scale,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr,
+                    FAR_MODE: tl.constexpr):
+    # Longest rows first: causal programs near the end of the sequence do the most tiles.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m < T
+    b64 = b.to(tl.int64)
+    q_ptr = Q + b64 * sqb + h.to(tl.int64) * sqh
+    k_ptr = K + b64 * skb + hk.to(tl.int64) * skh
+    v_ptr = V + b64 * skb + hk.to(tl.int64) * skh
+    lk_ptr = LK + (b64 * (H // GROUP) + hk) * T
+    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * T
+    q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    c16 = tl.arange(0, 16)[None, :] + tl.zeros([BLOCK_M, 16], dtype=tl.int32)
+    ones = tl.where(c16 < 2, 1.0, 0.0).to(Q.dtype.element_ty)
+
+    lo = 0
+    qdoc = offs_m  # placeholder when HAS_DOC is False
+    kdoc_ptr = DOC
+    if HAS_DOC:
+        kdoc_ptr = DOC + b64 * T
+        qdoc = tl.load(kdoc_ptr + offs_m, mask=rmask, other=-2)
+        first = tl.load(FIRST + b64 * T + offs_m, mask=rmask, other=T)
+        lo = (tl.min(first, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(m0 + BLOCK_M, T)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_DMS:
+        f_end = (tl.maximum(m0 - W, 0) // BLOCK_N) * BLOCK_N
+        f_end = tl.minimum(tl.maximum(f_end, lo), m0)
+        x_end = ((tl.maximum(m0 + BLOCK_M - 1 - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        x_end = tl.minimum(tl.maximum(x_end, f_end), m0)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
+                                   lo, f_end, T, W, qk_scale, FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
+                                   f_end, x_end, T, W, qk_scale, 2, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+    else:
+        x_end = lo
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
+                               x_end, m0, T, W, qk_scale, 0, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
+                               m0, hi, T, W, qk_scale, 3, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+    # Every valid row sees its own key, so l_i > 0 there; padded rows are not stored.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    o_ptr = O + b64 * sob + h.to(tl.int64) * soh
+    tl.store(o_ptr + offs_m[:, None] * sot + offs_d[None, :], o.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=rmask)
+
+
+def _env_cfg(name):
+    s = os.environ.get(name)
+    if not s:
+        return None
+    bm, bn, w, st = (int(x) for x in s.split(","))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+
+
+# Test hook: force a block configuration (dict like the ones below), e.g. to exercise BLOCK_M != BLOCK_N.
+FWD_CONFIG_OVERRIDE: dict | None = None
+
+
+def fwd_config(D: int, dtype: torch.dtype) -> dict:
+    """Block sizes for the forward kernel (BLOCK_M queries x BLOCK_N keys; BLOCK_M % BLOCK_N == 0)."""
+    if FWD_CONFIG_OVERRIDE is not None:
+        return dict(FWD_CONFIG_OVERRIDE)
+    env = _env_cfg("DMS_ATTN_FWD_CFG")
+    if env is not None:
+        return env
+    if _INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32 and D > 128:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if D > 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if D <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    # H100, L=8192, B=4, H=32, Hkv=8, bf16, window 256 (bench --pick-fwd), forward ms with / without the
+    # DMS term: 128x128, 8 warps, 2 stages 5.47 / 4.94; 128x64/8/3 7.07 / 4.76; 64x64/4/3 10.07 / 5.03.
+    # 128x128 with 3 stages needs 237 KB of shared memory once log_keep is a matmul operand (limit 227 KB).
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+
+
+def _in_prec(dtype):
+    # fp32 inputs (tests): exact fp32 products instead of tf32, so tolerances can stay tight.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def doc_bounds(doc_ids: torch.Tensor):
+    """Per position ``[B, T]``: dense int32 doc id, first and last index of that document (any id layout)."""
+    B, T = doc_ids.shape
+    _, inv = torch.unique(doc_ids, return_inverse=True)
+    n = int(inv.max()) + 1 if inv.numel() else 1
+    key = (inv + torch.arange(B, device=doc_ids.device)[:, None] * n).flatten()
+    pos = torch.arange(T, device=doc_ids.device).expand(B, T).flatten()
+    first = torch.full((B * n,), T, dtype=torch.int64, device=doc_ids.device).scatter_reduce(0, key, pos, "amin")
+    last = torch.full((B * n,), -1, dtype=torch.int64, device=doc_ids.device).scatter_reduce(0, key, pos, "amax")
+    return (inv.to(torch.int32).contiguous(), first[key].view(B, T).to(torch.int32).contiguous(),
+            last[key].view(B, T).to(torch.int32).contiguous())
+
+
+def bias_mma_enabled() -> bool:
+    """FAR-tile log_keep through the tensor cores (see _fwd_tiles); DMS_ATTN_BIAS_MMA=0 turns it off."""
+    return os.environ.get("DMS_ATTN_BIAS_MMA", "1") != "0"
+
+
+def split_log_keep(lk: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, Hkv, T]`` fp32 log_keep -> ``[B, Hkv, 2, T]`` (hi, lo) parts of ``log_keep / scale`` in ``dtype``.
+
+    hi + lo carries ~16 mantissa bits in bf16 (hi alone would be 8); -inf stays -inf in hi with lo = 0.
+    """
+    raw = lk / scale
+    hi = raw.to(dtype)
+    lo = torch.where(torch.isinf(hi), torch.zeros_like(raw), raw - hi.float()).to(dtype)
+    return torch.stack([hi, lo], dim=2).contiguous()
+
+
+def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None):
+    """Launch the forward kernel.
+
+    Args: q ``[B, H, T, D]``, k/v ``[B, Hkv, T, D]`` (last dim contiguous), lk ``[B, Hkv, T]`` fp32
+    contiguous, docs ``None`` or ``(doc, first, last)`` from :func:`doc_bounds`, lk2 ``None`` or
+    :func:`split_log_keep` of lk (computed here when needed).
+    Returns ``o [B, H, T, D]`` (q.dtype) and ``lse [B, H, T]`` fp32 (natural log).
+    """
+    B, H, T, D = q.shape
+    hkv = k.shape[1]
+    W = min(int(window), T)  # window >= T behaves as T; keeps the int32 arithmetic in range
+    o = _empty((B, H, T, D), q.dtype, q.device)
+    lse = _empty((B, H, T), torch.float32, q.device)
+    cfg = fwd_config(D, q.dtype)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    assert bm % bn == 0
+    doc, first = (docs[0], docs[1]) if docs is not None else (lse, lse)
+    bias_mma = has_dms and bias_mma_enabled()
+    if bias_mma and lk2 is None:
+        lk2 = split_log_keep(lk, scale, q.dtype)
+    grid = (triton.cdiv(T, bm), B * H)
+    _dms_fwd_kernel[grid](
+        q, k, v, lk, lk2 if bias_mma else lk, doc, first, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        H, T, W, scale * LOG2E,
+        GROUP=H // hkv, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_DMS=has_dms, HAS_DOC=docs is not None, IN_PREC=_in_prec(q.dtype), FAR_MODE=4 if bias_mma else 1,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return o, lse
