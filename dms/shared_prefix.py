@@ -25,12 +25,86 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .cache import DMSCache, DMSCacheLayer
 
 
-def _prefix_attention(query, keys, values, visible, scaling, samples):
+def _prefix_attention(query, keys, values, visible, scaling, samples, length=None):
     """Prefix part: Triton on CUDA, the fp32 reference elsewhere (``dms_kernels.prefix_attention``)."""
     from dms_kernels.prefix_attention import prefix_attention
 
     impl = "triton" if query.is_cuda else "reference"
-    return prefix_attention(query, keys, values, visible, scaling, samples, impl=impl)
+    return prefix_attention(query, keys, values, visible, scaling, samples, impl=impl, length=length)
+
+
+SUFFIX_CAPACITY = 64  # initial slots per (sample, KV head); doubles when full
+SUFFIX_COMPACT_EVERY = 64  # steps between physical drops of evicted suffix entries
+
+
+class SuffixStore:
+    """Each sample's own tokens, one decode token per step for every row at once.
+
+    Buffers ``[B, Hkv, capacity, D]`` grow by doubling; slot ``n`` is written by all rows in the same
+    step, so a step costs a handful of tensor ops and no host synchronisation. Evicted entries are
+    masked immediately and dropped physically every ``compact_every`` steps (a sort-based compaction
+    that keeps rows aligned by padding with empty slots), so at most that many dead entries linger.
+    Attention over the store uses the same Triton kernel as the prefix (one sample per group).
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, seen: torch.Tensor, capacity: int | None = None,
+                 compact_every: int | None = None):
+        capacity = capacity or SUFFIX_CAPACITY
+        compact_every = compact_every or SUFFIX_COMPACT_EVERY
+        B, Hkv, _, D = key.shape
+        self.keys = key.new_zeros(B, Hkv, capacity, D)
+        self.values = value.new_zeros(B, Hkv, capacity, value.shape[-1])
+        self.pos = torch.full((B, Hkv, capacity), -1, dtype=torch.long, device=key.device)
+        self.evict = torch.zeros(B, Hkv, capacity, dtype=torch.bool, device=key.device)
+        self.seen = seen.clone()  # [B] position of the next token of each row
+        self.n = 0
+        self.compact_every = compact_every
+        self.steps = 0
+        self.is_initialized = True
+
+    def _grow(self):
+        cap = self.keys.shape[2]
+        pad = lambda t, fill: torch.cat([t, torch.full_like(t, fill)], dim=2)  # noqa: E731
+        self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
+        self.pos, self.evict = pad(self.pos, -1), pad(self.evict, False)
+        assert self.keys.shape[2] == 2 * cap
+
+    def held_tokens(self) -> torch.Tensor:
+        return (self.pos[..., : self.n] >= 0).sum(-1)
+
+    def attend(self, query, key, value, logits, window: int, scaling: float, return_lse: bool = True):
+        """query ``[B, H, 1, D]``, key/value ``[B, Hkv, 1, D]``, logits ``[B, 1, Hkv]`` -> (o, lse)."""
+        if self.n > 0:  # this token decides about each row's previous token (wherever compaction put it)
+            prev = self.pos[:, :, : self.n] == (self.seen - 1)[:, None, None]
+            self.evict[:, :, : self.n] |= prev & (logits[:, 0, :, None] > 0)
+        if self.n == self.keys.shape[2]:
+            self._grow()
+        self.keys[:, :, self.n] = key[:, :, 0]
+        self.values[:, :, self.n] = value[:, :, 0]
+        self.pos[:, :, self.n] = self.seen[:, None]
+        self.n += 1
+        qpos = self.seen[:, None, None]
+        pos = self.pos
+        visible = (pos >= 0) & ~(self.evict & ((qpos - pos) > window))
+        o, lse = _prefix_attention(query, self.keys, self.values, visible, scaling, 1, length=self.n)
+        self.seen = self.seen + 1
+        self.steps += 1
+        if self.steps % self.compact_every == 0:
+            self._compact(window)
+        return o, lse
+
+    def _compact(self, window: int):
+        tmp = DMSCacheLayer()
+        n = self.n
+        tmp.keys, tmp.values = self.keys[:, :, :n], self.values[:, :, :n]
+        tmp.pos, tmp.evict = self.pos[:, :, :n], self.evict[:, :, :n]
+        tmp._prune(self.seen, window)
+        m = tmp.keys.shape[2]
+        self.keys[:, :, :m], self.values[:, :, :m] = tmp.keys, tmp.values
+        self.pos[:, :, :m], self.evict[:, :, :m] = tmp.pos, tmp.evict
+        self.pos[:, :, m:n] = -1
+        self.evict[:, :, m:n] = False
+        self.n = m
 
 
 def merge_partials(o1, lse1, o2, lse2):
@@ -54,7 +128,7 @@ class SharedPrefixLayer(CacheLayerMixin):
         self.pk, self.pv = prefix.keys, prefix.values  # [G, Hkv, S, D], one copy per prompt
         self.ppos, self.pevict = prefix.pos, prefix.evict
         self.pseen = prefix.seen  # [G]
-        self.suffix = DMSCacheLayer()
+        self.suffix: SuffixStore | None = None
         self.columns = prefix.columns
         self.compact_every = compact_every
         self.steps = 0
@@ -99,7 +173,7 @@ class SharedPrefixLayer(CacheLayerMixin):
     def held_tokens(self) -> torch.Tensor:
         """``[G * W, Hkv]`` entries each sample can use (its group's shared prefix + its own suffix)."""
         pre = (self.ppos >= 0).sum(-1).repeat_interleave(self.samples, 0)
-        return pre + (self.suffix.held_tokens() if self.suffix.is_initialized else 0)
+        return pre + (self.suffix.held_tokens() if self.suffix is not None else 0)
 
     def attend(self, query, key, value, logits, valid, window: int, scaling: float) -> torch.Tensor:
         B, H, Tn, D = query.shape
@@ -109,13 +183,14 @@ class SharedPrefixLayer(CacheLayerMixin):
             raise ValueError(
                 f"the shared-prefix cache decodes one token per step for {G} prompts x {W} samples; got a chunk "
                 f"of {Tn} tokens for batch {B}. Continue a conversation with a plain DMSCache instead.")
-        if valid is not None and not bool(valid.all()):
-            raise ValueError("the shared-prefix cache got padding in a decode step; pass dms_shared_prefix=False")
-        if not self.suffix.is_initialized:
-            self.suffix.lazy_initialization(key, value)
-            self.suffix.seen = self.pseen.repeat_interleave(W, 0).clone()
-            # The last prompt token (first suffix token) decides about the prefix's last key. Every sample of
-            # a group processes the same token here, so sample 0's decision is the group's decision.
+        if self.suffix is None:
+            # First decode step (the last prompt token). Padding inside a step cannot be expressed by a
+            # shared prefix; checked once here rather than every step (a host synchronisation).
+            if valid is not None and not bool(valid.all()):
+                raise ValueError("the shared-prefix cache got padding in a decode step; pass dms_shared_prefix=False")
+            self.suffix = SuffixStore(key, value, self.pseen.repeat_interleave(W, 0))
+            # The last prompt token decides about the prefix's last key. Every sample of a group processes the
+            # same token here, so sample 0's decision is the group's decision.
             first = logits[::W, 0]  # [G, Hkv]
             pending = (self.ppos == (self.pseen - 1)[:, None, None]) & (self.pseen > 0)[:, None, None]
             self.pevict = self.pevict | (pending & (first > 0)[..., None])
@@ -123,7 +198,7 @@ class SharedPrefixLayer(CacheLayerMixin):
         visible = (self.ppos >= 0) & (self.ppos <= qpos[:, None, None]) & ~(
             self.pevict & ((qpos[:, None, None] - self.ppos) > window))
         o_p, lse_p = _prefix_attention(query, self.pk, self.pv, visible, scaling, W)
-        o_s, lse_s = self.suffix.attend(query, key, value, logits, valid, window, scaling, return_lse=True)
+        o_s, lse_s = self.suffix.attend(query, key, value, logits, window, scaling)
         self.columns += Tn
         self.steps += 1
         if self.steps % self.compact_every == 0:  # prefix entries die only in the first `window` steps
@@ -168,11 +243,11 @@ class SharedPrefixDMSCache(Cache):
     def stats(self) -> dict:
         """Entries held (shared prefix counted once), per-sample view, and prefix bytes (constant in W)."""
         shared = sum(int((l.ppos >= 0).sum()) for l in self.layers)
-        suffix = sum(int(l.suffix.held_tokens().sum()) for l in self.layers if l.suffix.is_initialized)
+        suffix = sum(int(l.suffix.held_tokens().sum()) for l in self.layers if l.suffix is not None)
         per_sample = sum(int(l.held_tokens().sum()) for l in self.layers)
         l0 = self.layers[0]
         bpe = l0.pk.element_size() * (l0.pk.shape[-1] + l0.pv.shape[-1])
-        seen = l0.suffix.seen if l0.suffix.is_initialized else l0.pseen.repeat_interleave(self.samples)
+        seen = l0.suffix.seen if l0.suffix is not None else l0.pseen.repeat_interleave(self.samples)
         kv_seen = int(seen.sum()) * l0.pk.shape[1] * len(self.layers)
         return {
             "samples_per_prompt": self.samples,

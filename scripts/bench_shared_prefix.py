@@ -149,10 +149,11 @@ def main(argv=None) -> int:
 
                     row["dense_ms"] = timeit(dense_step, iters, sync)
                     row["dense_kv_bytes"] = sum(l.keys.numel() + l.values.numel() for l in dc.layers) * dc.layers[0].keys.element_size()
-                del dc
+                del dc, dense_step
             except torch.OutOfMemoryError:
                 row["dense_ms"] = None
                 row["dense_kv_bytes"] = None
+            dc = dense_step = None  # the closure holds the cache: drop both before the next size
             if cuda:
                 torch.cuda.empty_cache()
             rows.append(row)
@@ -176,9 +177,7 @@ def main(argv=None) -> int:
                 for l in base.layers:
                     nl = SharedPrefixLayer.__new__(SharedPrefixLayer)
                     nl.__dict__.update(l.__dict__)
-                    from dms.cache import DMSCacheLayer
-
-                    nl.suffix = DMSCacheLayer()
+                    nl.suffix = None
                     if per_sample:  # W groups of one sample, each with its own copy of the prompt KV
                         nl.samples = 1
                         for name in ("pk", "pv", "ppos", "pevict", "pseen"):
@@ -194,21 +193,23 @@ def main(argv=None) -> int:
                     with torch.no_grad():
                         cache = fresh(kind == "per_sample_dms")
                         model(tok, past_key_values=cache, position_ids=pos)  # the last prompt token: suffix starts
-                        snapshot = [(l.suffix.keys, l.suffix.values, l.suffix.pos, l.suffix.evict, l.suffix.seen,
-                                     l.columns, l.steps) for l in cache.layers]
+                        # each timed step appends one token; undo it so every step sees the same state
+                        snapshot = [(l.suffix.n, l.suffix.seen, l.suffix.steps, l.columns, l.steps,
+                                     l.suffix.evict.clone()) for l in cache.layers]
                         pos2 = pos + 1
 
                         def step():
                             model(tok, past_key_values=cache, position_ids=pos2)
-                            for l, s in zip(cache.layers, snapshot):
-                                (l.suffix.keys, l.suffix.values, l.suffix.pos, l.suffix.evict, l.suffix.seen,
-                                 l.columns, l.steps) = s
+                            for l, (n, seen, sst, cols, st, ev) in zip(cache.layers, snapshot):
+                                l.suffix.pos[:, :, n] = -1
+                                l.suffix.evict.copy_(ev)
+                                l.suffix.n, l.suffix.seen, l.suffix.steps, l.columns, l.steps = n, seen, sst, cols, st
 
                         row[f"{kind}_ms"] = timeit(step, iters, sync)
                         row[f"{kind}_prefix_bytes"] = cache.stats()["prefix_bytes"]
-                    del cache
                 except torch.OutOfMemoryError:
                     row[f"{kind}_ms"] = None
+                cache = step = snapshot = None
                 if cuda:
                     torch.cuda.empty_cache()
             # the prefix attention kernel alone, one layer

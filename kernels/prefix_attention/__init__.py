@@ -27,14 +27,20 @@ def _ungroup(o, lse, G, Hkv, samples, g):
     return o, lse
 
 
-def prefix_attention(query, keys, values, visible, scale: float, samples: int, impl: str = "triton"):
-    """Prefix part of shared-prefix decoding; ``impl`` is ``triton`` or ``reference``."""
+def prefix_attention(query, keys, values, visible, scale: float, samples: int, impl: str = "triton",
+                     length: int | None = None):
+    """Prefix part of shared-prefix decoding; ``impl`` is ``triton`` or ``reference``.
+
+    ``length`` limits the keys to the first ``length`` entries of in-place growing buffers.
+    """
     q, G, g = _group(query, keys.shape[1], samples)
     if impl == "triton":
         from .triton_kernel import prefix_attention_grouped
 
-        o, lse = prefix_attention_grouped(q, keys, values, visible, scale)
+        o, lse = prefix_attention_grouped(q, keys, values, visible, scale, length=length)
     elif impl == "reference":
+        if length is not None:
+            keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[:, :, :length]
         o, lse = prefix_attention_grouped_reference(q, keys, values, visible, scale)
     else:
         raise ValueError(f"impl must be 'triton' or 'reference'; got {impl!r}")

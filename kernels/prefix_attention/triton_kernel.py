@@ -28,7 +28,7 @@ def _prefix_fwd(Q, K, V, VIS, O, M_OUT, L_OUT,
                 M, S, keys_per_split, scale,
                 stride_qh, stride_qm, stride_kh, stride_ks, stride_vh, stride_vs, stride_visg,
                 stride_oh, stride_osplit, stride_om, stride_mh, stride_msplit,
-                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid_h = tl.program_id(0)  # flattened (group, kv head)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -47,7 +47,7 @@ def _prefix_fwd(Q, K, V, VIS, O, M_OUT, L_OUT,
         vis = tl.load(VIS + pid_h * stride_visg + offs_n, mask=in_range, other=0) != 0
         k = tl.load(K + pid_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
                     mask=in_range[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(vis[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -56,7 +56,7 @@ def _prefix_fwd(Q, K, V, VIS, O, M_OUT, L_OUT,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + pid_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
                     mask=in_range[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + pid_h * stride_oh + pid_s * stride_osplit + offs_m[:, None] * stride_om + offs_d[None, :], o,
@@ -66,19 +66,28 @@ def _prefix_fwd(Q, K, V, VIS, O, M_OUT, L_OUT,
 
 
 def prefix_attention_grouped(q, k, v, visible, scale: float, splits: int | None = None,
-                             block_m: int | None = None, block_n: int = 64):
-    """Triton version of :func:`.reference.prefix_attention_grouped_reference` (same arguments/returns)."""
+                             block_m: int | None = None, block_n: int = 64, length: int | None = None):
+    """Triton version of :func:`.reference.prefix_attention_grouped_reference` (same arguments/returns).
+
+    ``length``: use only the first ``length`` entries of ``k, v, visible`` (``[G, Hkv, capacity, ...]``
+    buffers that grow in place), without copying them.
+    """
     from .reference import check_inputs
 
     G, Hkv, M, S, D = check_inputs(q, k, v, visible)
+    if length is not None:
+        if not 0 <= length <= S:
+            raise ValueError(f"length must be in [0, {S}]; got {length}")
+        S = length
     if D not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {D} not supported; use 16, 32, 64, 128 or 256")
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    cap = k.shape[2]
     q = q.contiguous().view(G * Hkv, M, D)
-    k = k.contiguous().view(G * Hkv, S, D)
-    v = v.contiguous().view(G * Hkv, S, D)
-    vis = visible.to(torch.int8).contiguous().view(G * Hkv, S)
+    k = k.contiguous().view(G * Hkv, cap, D)
+    v = v.contiguous().view(G * Hkv, cap, D)
+    vis = visible.to(torch.int8).contiguous().view(G * Hkv, cap)
     block_m = block_m or max(16, min(64, triton.next_power_of_2(M)))
     m_blocks = triton.cdiv(M, block_m)
     if splits is None:
@@ -94,7 +103,9 @@ def prefix_attention_grouped(q, k, v, visible, scale: float, splits: int | None 
     _prefix_fwd[grid](q, k, v, vis, o_part, m_part, l_part, M, S, keys_per_split, float(scale),
                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), vis.stride(0),
                       o_part.stride(0), o_part.stride(1), o_part.stride(2), m_part.stride(0), m_part.stride(1),
-                      D=D, BLOCK_M=block_m, BLOCK_N=block_n)
+                      D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                      # fp32 inputs get exact fp32 products (the GPU default, tf32, keeps 10 mantissa bits)
+                      PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     # log-sum-exp merge of the splits
     lse_part = m_part + torch.log(l_part)  # -inf where a split saw no visible key
     lse = torch.logsumexp(lse_part, dim=1)  # [GH, M]

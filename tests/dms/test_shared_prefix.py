@@ -39,6 +39,22 @@ def test_sampling_matches_teacher_forced_and_independent(make_tiny_model, random
     torch.testing.assert_close(ind.logits[0], out.logits[0], atol=ATOL, rtol=0)
 
 
+def test_long_generation_grows_and_compacts_suffix(make_tiny_model, randomize, monkeypatch):
+    import dms.shared_prefix as sp
+
+    monkeypatch.setattr(sp, "SUFFIX_CAPACITY", 4)
+    monkeypatch.setattr(sp, "SUFFIX_COMPACT_EVERY", 5)
+    model = _model(make_tiny_model, randomize, 2, 2)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (1, 9))
+    W, new = 2, 23
+    out = model.generate(ids, do_sample=True, max_new_tokens=new, min_new_tokens=new, num_return_sequences=W,
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        tf = model(out.sequences).logits
+    torch.testing.assert_close(torch.stack(out.logits, 1), tf[:, 8:-1], atol=ATOL, rtol=0)
+
+
 def test_prefix_stored_once(make_tiny_model, randomize):
     model = _model(make_tiny_model, randomize, 2, 2)
     ids = torch.randint(3, 97, (1, 30))
