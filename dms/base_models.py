@@ -1,0 +1,334 @@
+"""Reference base models: a BPE tokenizer and a small GQA causal LM pretrained on the shared corpus.
+
+No model hub is reachable, so retrofit quality is measured on base models we pretrain ourselves.
+:func:`build_base_model` trains, from the corpus train split and a seed:
+
+1. a byte-level BPE tokenizer (digits split one per token, so numbers are copied digit by digit);
+2. a Llama or Qwen3 model (grouped-query attention) on rows of ``seq_len`` tokens, a mix of plain corpus
+   text and *retrieval documents* (:meth:`dms.eval.tasks.TaskBuilder.pretraining_document`: corpus
+   filler with planted key-value facts recalled later), so that in-context retrieval is learned and
+   eviction damage becomes measurable;
+
+and exports a normal Hugging Face checkpoint (``save_pretrained`` + tokenizer + ``build_info.json``
+with validation loss, seconds and the recipe). Deterministic given the seed up to GPU floating-point
+non-determinism (data order, initialisation and the task mix are seeded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .eval.tasks import TaskBuilder, read_corpus, token_stream
+
+FAMILIES = ("llama", "qwen3")
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+@dataclass
+class BaseModelConfig:
+    """Shape and pretraining recipe of a reference base model.
+
+    Attributes:
+        family: ``llama`` or ``qwen3`` (both GQA).
+        vocab_size: BPE vocabulary (special tokens included).
+        hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size: model shape.
+        max_position_embeddings: context the config declares (>= ``seq_len``).
+        seq_len, batch_size, steps: pretraining rows ``[batch_size, seq_len]``, optimizer steps.
+        lr, warmup_steps, weight_decay: AdamW, linear warm-up then cosine decay to 10%.
+        task_fraction: share of rows made of retrieval documents (the rest is plain corpus text).
+        tokenizer_chars: corpus characters the tokenizer is trained on.
+        max_train_docs: corpus documents used (None: all).
+        max_seconds: safety stop for the training loop (the build records the steps actually run).
+        data_workers: DataLoader worker processes assembling rows (the batch order depends on this number).
+        save_dtype: dtype of the exported weights.
+    """
+
+    family: str = "llama"
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 768
+    max_position_embeddings: int = 4096
+    seq_len: int = 2048
+    batch_size: int = 16
+    steps: int = 2000
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    task_fraction: float = 0.5
+    tokenizer_chars: int = 8_000_000
+    max_train_docs: int | None = None
+    max_seconds: float | None = None
+    save_dtype: str = "bfloat16"
+    rope_theta: float = 10000.0
+    data_workers: int = 0
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}; got {self.family!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "max_position_embeddings", "seq_len", "batch_size", "steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+        if self.vocab_size < 300:
+            raise ValueError(f"vocab_size must be >= 300 (256 byte symbols + specials + merges); got {self.vocab_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.seq_len > self.max_position_embeddings:
+            raise ValueError(f"seq_len {self.seq_len} exceeds max_position_embeddings {self.max_position_embeddings}")
+        if not 0 <= self.task_fraction <= 1:
+            raise ValueError(f"task_fraction must be in [0, 1]; got {self.task_fraction}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if isinstance(self.data_workers, bool) or not isinstance(self.data_workers, int) or self.data_workers < 0:
+            raise ValueError(f"data_workers must be an integer >= 0; got {self.data_workers!r}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"save_dtype must be float32/bfloat16/float16; got {self.save_dtype!r}")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
+    """Byte-level BPE with single-digit number tokens; EOS/BOS ``<|endoftext|>``, pad ``<|pad|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=None,
+                                   model_max_length=max_length)
+
+
+def model_config(cfg: BaseModelConfig, tokenizer):
+    """The transformers config for ``cfg`` (Llama or Qwen3, tied embeddings)."""
+    import transformers
+
+    cls = transformers.LlamaConfig if cfg.family == "llama" else transformers.Qwen3Config
+    return cls(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+               num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+               num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+               max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
+               rope_theta=cfg.rope_theta, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+
+
+class MixedRows:
+    """Pretraining rows ``[seq_len]``: plain corpus slices or packed retrieval documents (seeded)."""
+
+    def __init__(self, builder: TaskBuilder, stream: torch.Tensor, seq_len: int, task_fraction: float, seed: int,
+                 eos_id: int):
+        self.builder, self.stream, self.L = builder, stream, seq_len
+        self.task_fraction = task_fraction
+        self.rng = random.Random(seed)
+        self.eos = eos_id
+
+    def row(self) -> list[int]:
+        rng = self.rng
+        if rng.random() >= self.task_fraction:
+            s = rng.randrange(0, self.stream.numel() - self.L)
+            return self.stream[s:s + self.L].tolist()
+        out: list[int] = []
+        while len(out) < self.L:
+            # Document lengths spread from short to the full row, so recall distances cover [0, seq_len).
+            n = rng.randint(min(256, self.L), self.L)
+            out += self.builder.pretraining_document(rng, n) + [self.eos]
+        return out[:self.L]
+
+    def batch(self, b: int) -> torch.Tensor:
+        return torch.tensor([self.row() for _ in range(b)], dtype=torch.long)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless ``[batch, seq_len]`` batches; worker ``w`` draws from its own seeded :class:`MixedRows`.
+
+    A DataLoader takes batches from its workers in a fixed round-robin order, so the sequence of batches
+    is a function of the seed and the number of workers only.
+    """
+
+    def __init__(self, builder, stream, seq_len, task_fraction, seed, eos_id, batch):
+        self.args = (builder, stream, seq_len, task_fraction)
+        self.seed, self.eos, self.batch = seed, eos_id, batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        rows = MixedRows(*self.args, seed=self.seed * 1009 + wid, eos_id=self.eos)
+        while True:
+            yield rows.batch(self.batch)
+
+
+def _lr_at(step: int, cfg: BaseModelConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+@torch.no_grad()
+def eval_loss(model, stream: torch.Tensor, seq_len: int, rows: int, batch: int = 8) -> float:
+    """Mean next-token loss of ``model`` over ``rows`` non-overlapping ``[seq_len]`` rows of ``stream``."""
+    n = min(rows, (stream.numel() - 1) // seq_len)
+    if n < 1:
+        raise ValueError(f"validation stream of {stream.numel()} tokens is shorter than seq_len {seq_len}")
+    dev = next(model.parameters()).device
+    data = stream[:n * seq_len].view(n, seq_len)
+    tot = 0.0
+    for chunk in data.split(batch):
+        chunk = chunk.to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(input_ids=chunk).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), chunk[:, 1:].flatten(),
+                                                 reduction="sum")
+        tot += float(loss)
+    return tot / (n * (seq_len - 1))
+
+
+def build_base_model(corpus_dir: str | Path, out: str | Path, cfg: BaseModelConfig | None = None, seed: int = 0,
+                     device: str | None = None, progress: bool = True, log=print) -> dict:
+    """Train tokenizer + model from ``corpus_dir/train.jsonl.gz`` and export to ``out``; returns build info.
+
+    ``corpus_dir`` must hold ``train.jsonl.gz`` and ``validation.jsonl.gz`` (the shared corpus layout).
+    The validation loss is measured on plain validation text (``[seq_len]`` rows).
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg or BaseModelConfig()
+    corpus_dir, out = Path(corpus_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} exists and is not empty; choose another --out or delete it")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    train_texts = read_corpus(corpus_dir / "train.jsonl.gz", cfg.max_train_docs)
+    val_texts = read_corpus(corpus_dir / "validation.jsonl.gz")
+    # Tokenizer on a fixed, seed-independent sample (every k-th document up to tokenizer_chars).
+    sample, n = [], 0
+    for t in train_texts[::3]:
+        sample.append(t)
+        n += len(t)
+        if n >= cfg.tokenizer_chars:
+            break
+    tok = train_tokenizer(sample, cfg.vocab_size, cfg.max_position_embeddings)
+    stream = token_stream(tok, train_texts)
+    val_stream = token_stream(tok, val_texts)
+    t_tok = time.time() - t0
+    log(f"tokenizer: vocab {len(tok)}, train stream {stream.numel():,} tokens, validation {val_stream.numel():,} "
+        f"({t_tok:.0f}s)")
+    builder = TaskBuilder(tok, stream, seed=seed)
+    # Retrieval documents are assembled in Python; worker processes keep the GPU fed.
+    loader = torch.utils.data.DataLoader(
+        _BatchStream(builder, stream, cfg.seq_len, cfg.task_fraction, seed, tok.eos_token_id, cfg.batch_size),
+        batch_size=None, num_workers=cfg.data_workers, prefetch_factor=4 if cfg.data_workers else None,
+        pin_memory=device.startswith("cuda"))
+    batches = iter(loader)
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(cfg, tok), attn_implementation="sdpa",
+                                             dtype=torch.float32).to(device)
+    model.train()
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=device.startswith("cuda"))
+    losses, t_train = [], time.time()
+    bar = tqdm(range(cfg.steps), desc="pretraining base model", disable=not progress, dynamic_ncols=True)
+    step = 0
+    pending = None
+    for step in bar:
+        ids = next(batches).to(device, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        pending = loss.detach()
+        if step % 25 == 0 or step == cfg.steps - 1:
+            losses.append((step, float(pending)))  # syncs the GPU only every 25 steps
+            bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
+            if not progress and step % 200 == 0:
+                log(f"pretraining step {step}/{cfg.steps} loss {losses[-1][1]:.3f} ({time.time() - t_train:.0f}s)")
+        if cfg.max_seconds is not None and time.time() - t_train > cfg.max_seconds:
+            log(f"max_seconds={cfg.max_seconds} reached after {step + 1} of {cfg.steps} steps; stopping early")
+            break
+    bar.close()
+    steps_done = step + 1
+    train_seconds = time.time() - t_train
+    model.eval()
+    val = eval_loss(model, val_stream, cfg.seq_len, rows=32)
+    counts = torch.bincount(stream, minlength=len(tok)).double() + 1
+    unigram = float(-(counts / counts.sum()).log()[val_stream].mean())
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(getattr(torch, cfg.save_dtype))
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    info = {"recipe": dataclasses.asdict(cfg), "seed": seed, "steps_done": steps_done,
+            "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
+            "val_loss": round(val, 4), "unigram_val_loss": round(unigram, 4),
+            "final_train_loss": losses[-1][1] if losses else None, "loss_curve": losses,
+            "params": sum(p.numel() for p in model.parameters()), "train_tokens": int(stream.numel()),
+            "tokens_seen": steps_done * cfg.batch_size * cfg.seq_len, "device": _device_name(device),
+            "torch": torch.__version__}
+    (out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    log(f"base model: {info['params']:,} params, {steps_done} steps in {train_seconds:.0f}s, val loss {val:.3f} "
+        f"(unigram {unigram:.3f}) -> {out}")
+    return info
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def write_retrofit_mix(corpus_file: str | Path, tokenizer, out_file: str | Path, n_docs: int, doc_tokens: int,
+                       task_fraction: float = 0.5, seed: int = 0, max_corpus_docs: int | None = 800) -> Path:
+    """Write a ``.jsonl.gz`` retrofit corpus: plain corpus documents and decoded retrieval documents.
+
+    The retrofit should see the distribution the base model was trained on (including recall of planted
+    facts), else its retention heads never learn which tokens retrieval needs.
+    """
+    import gzip
+
+    texts = read_corpus(corpus_file, max_corpus_docs)
+    stream = token_stream(tokenizer, texts)
+    builder = TaskBuilder(tokenizer, stream, seed=seed + 7919)
+    rng = random.Random(seed)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(out_file, "wt", encoding="utf-8") as f:
+        for i in range(n_docs):
+            if rng.random() < task_fraction:
+                ids = builder.pretraining_document(rng, rng.randint(doc_tokens // 4, doc_tokens))
+            else:
+                s = rng.randrange(0, stream.numel() - doc_tokens)
+                ids = stream[s:s + doc_tokens].tolist()
+            f.write(json.dumps({"text": tokenizer.decode(ids)}) + "\n")
+    return out_file

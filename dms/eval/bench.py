@@ -1,0 +1,316 @@
+"""Building blocks of the quality benchmark (scripts/bench_quality.py): retrofit runs, summary, plots, table."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+def load_plain(path: str | Path, device: str, dtype=torch.float32):
+    """A plain (not retrofitted) causal LM and its tokenizer, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return model, tok
+
+
+def full_cache_accuracy(model_dir, val_file, lengths, n: int, device: str | None = None, batch_size: int = 8) -> dict:
+    """Task accuracy of a plain base model with its full cache (the sanity check of a base model build)."""
+    from .suite import EvalConfig, EvalData, PolicySystem, run_tasks
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_plain(model_dir, device)
+    cfg = EvalConfig(lengths=list(lengths), n_per_task=n, ppl_rows=0, batch_size=batch_size)
+    data = EvalData.build(tok, val_file, cfg)
+    r = run_tasks(PolicySystem(model, "full"), tok, data.examples, cfg)
+    r.pop("answers")
+    return r
+
+
+@dataclass
+class RunSpec:
+    """One retrofit of the benchmark."""
+
+    name: str
+    cr: float
+    window: int
+    retention: str = "adapter"
+    trainable: str = "adapter"
+    lr: float = 3e-3
+
+
+def retrofit_config(spec: RunSpec, base_dir, data_file, out_dir, steps: int, seq_len: int, batch_size: int,
+                    attention_impl: str, seed: int, progress: bool):
+    from ..training import RetrofitConfig
+
+    return RetrofitConfig.from_dict({
+        "model": {"name_or_path": str(base_dir), "dtype": "float32"},
+        "data": {"source": str(data_file), "seq_len": seq_len},
+        "dms": {"window": spec.window, "retention": spec.retention, "attention_impl": attention_impl},
+        "train": {"steps": steps, "cr": spec.cr, "lr": spec.lr, "batch_size": batch_size, "output": str(out_dir),
+                  "overwrite": True, "save_every": steps, "log_every": 10, "eval_batches": 2,
+                  "trainable": spec.trainable, "seed": seed, "progress": progress},
+    })
+
+
+def read_losses(run_dir) -> list[dict]:
+    p = Path(run_dir) / "losses.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def steps_to_cr(rows: list[dict], target: float, tol: float = 0.95) -> int | None:
+    """First training step whose (noisy, per-batch) decision CR reaches ``tol * target``; None if never."""
+    for r in rows:
+        if r.get("decision_cr", 0) >= tol * target:
+            return int(r["step"])
+    return None
+
+
+def _frac(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float, str], baselines: list[str],
+              run_rows: dict[str, list[dict]]) -> dict:
+    """The summary object of docs/results/quality.json (fractions, not percents)."""
+    base = results.get("full", {})
+    base_ret = base.get("retrieval_accuracy")
+
+    def dms(cr):
+        return results.get(main_runs.get(cr, ""), {})
+
+    def best_baseline(cr, key, higher):
+        vals = [(results[f"{b}@cr{cr:g}"].get(key), b) for b in baselines if f"{b}@cr{cr:g}" in results]
+        vals = [v for v in vals if v[0] is not None]
+        if not vals:
+            return None, None
+        return (max if higher else min)(vals)
+
+    s = {}
+    for cr in crs:
+        tag = f"cr{cr:g}"
+        d = dms(cr)
+        s[f"ppl_increase_{tag}"] = d.get("ppl_increase")
+        s[f"retrieval_ratio_{tag}"] = _frac(d.get("retrieval_accuracy"), base_ret)
+        bp, bpn = best_baseline(cr, "ppl_increase", higher=False)
+        br, brn = best_baseline(cr, "retrieval_accuracy", higher=True)
+        s[f"best_baseline_ppl_increase_{tag}"] = bp
+        s[f"best_baseline_ppl_increase_{tag}_policy"] = bpn
+        s[f"best_baseline_retrieval_ratio_{tag}"] = _frac(br, base_ret)
+        s[f"best_baseline_retrieval_ratio_{tag}_policy"] = brn
+        s[f"dms_memory_cr_{tag}"] = d.get("memory_cr")
+        s[f"dms_decision_cr_{tag}"] = d.get("decision_cr")
+        beats = []
+        for b in baselines:
+            r = results.get(f"{b}@{tag}")
+            if r is None or not d:
+                continue
+            beats.append(d.get("ppl_increase", math.inf) <= r.get("ppl_increase", math.inf)
+                         and (d.get("retrieval_accuracy") or 0) >= (r.get("retrieval_accuracy") or 0))
+        s[f"dms_beats_every_baseline_{tag}"] = bool(beats) and all(beats)
+        if main_runs.get(cr) in run_rows:
+            s[f"steps_to_{tag}"] = steps_to_cr(run_rows[main_runs[cr]], cr)
+    s["base_retrieval_accuracy"] = base_ret
+    s["base_ppl"] = base.get("ppl")
+    return s
+
+
+def _series(results, prefix_fn, crs, key):
+    xs, ys = [], []
+    for cr in crs:
+        r = results.get(prefix_fn(cr))
+        if r is not None and r.get(key) is not None:
+            xs.append(cr)
+            ys.append(r[key])
+    return xs, ys
+
+
+def _title(fig, command: str):
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(command, 180)), fontsize=6)
+
+
+def plot_quality(results: dict, crs: list[float], main_runs: dict[float, str], baselines: list[str], out_png: Path,
+                 command: str, ablations: dict[str, float] | None = None):
+    """Accuracy and perplexity increase vs KV compression (budget = context / CR), DMS vs every baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("retrieval_accuracy", "retrieval accuracy (passkey + multi-key)"),
+              ("mean_accuracy", "mean task accuracy (incl. variable tracking)"),
+              ("ppl_increase", "perplexity increase vs base (fraction)")]
+    base = results.get("full", {})
+    for ax, (key, title) in zip(axes, panels):
+        xs, ys = _series(results, lambda c: main_runs.get(c, ""), crs, key)
+        if xs:
+            ax.plot(xs, ys, "o-", lw=2.5, color="black", label="DMS (retrofit)")
+        for b in baselines:
+            xs, ys = _series(results, lambda c, b=b: f"{b}@cr{c:g}", crs, key)
+            if xs:
+                ax.plot(xs, ys, "s--", label=b)
+        for name, cr in (ablations or {}).items():
+            r = results.get(name)
+            if r is not None and r.get(key) is not None:
+                ax.plot([cr], [r[key]], "x", ms=9, mew=2, label=f"{name} (ablation)")
+        if key != "ppl_increase" and base.get(key) is not None:
+            ax.axhline(base[key], color="gray", ls=":", label="full cache")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(crs, [f"{c:g}" for c in crs])
+        ax.set_xlabel("compression ratio (KV budget = context / CR)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    _title(fig, command)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def plot_kv_reads(results: dict, crs: list[float], main_runs: dict, baselines: list[str], out_png: Path, command: str):
+    """Retrieval accuracy vs KV entries read during generation (the axis Quest is compared on)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    pts = {"DMS": [results.get(main_runs.get(c, "")) for c in crs]}
+    for b in baselines:
+        pts[b] = [results.get(f"{b}@cr{c:g}") for c in crs]
+    pts["full cache"] = [results.get("full")]
+    for name, rs in pts.items():
+        rs = [r for r in rs if r and r.get("decode_kv_reads") is not None and r.get("retrieval_accuracy") is not None]
+        if rs:
+            ax.plot([r["decode_kv_reads"] for r in rs], [r["retrieval_accuracy"] for r in rs],
+                    "o-" if name == "DMS" else "s--", label=name, lw=2.5 if name == "DMS" else 1)
+    ax.set_xscale("log")
+    ax.set_xlabel("KV entries read while generating answers (per KV head, all layers)")
+    ax.set_ylabel("retrieval accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _title(fig, command)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(run_rows: dict[str, list[dict]], out_png: Path, command: str):
+    """Training curves per retrofit run: decision CR (achieved vs target) and KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, rows in run_rows.items():
+        if not rows:
+            continue
+        st = [r["step"] for r in rows]
+        line, = axes[0].plot(st, [r["decision_cr"] for r in rows], lw=1, label=name)
+        axes[0].plot(st, [r["target_cr"] for r in rows], ls=":", color=line.get_color())
+        axes[1].plot(st, [r["kl"] for r in rows], lw=1, label=name)
+    axes[0].set_title("decision CR per step (dotted: target schedule)", fontsize=10)
+    axes[0].set_yscale("log", base=2)
+    axes[1].set_title("distillation KL per step", fontsize=10)
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    _title(fig, command)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v, pct=False, digits=3):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if pct:
+        return f"{100 * v:+.1f}%"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def markdown_section(results: dict, order: list[str], summary: dict, meta: dict, images: list[str]) -> str:
+    """The "Quality" section of docs/benchmarks.md."""
+    lines = ["## Quality", "", f"Command: `{meta['command']}`  ", f"Device: {meta['device']}; "
+             f"torch {meta['versions'].get('torch')}, transformers {meta['versions'].get('transformers')}; {meta['date']}.  ",
+             "Raw rows and summary: [results/quality.json](results/quality.json).  "]
+    if meta.get("report_command"):
+        lines.append(f"Table, plots and JSON regenerated from that run's cached results (`<work>`) with: "
+                     f"`{meta['report_command']}`  ")
+    lines += ["",
+             "Budget for training-free baselines: tokens held per KV head = context / CR. DMS rows show the CR the "
+             "retrofit *achieved* (decision CR = 1/(1 - evicted fraction); memory CR = tokens seen / tokens held at the "
+             "end of the 2,048-token perplexity rows, window included). Quest keeps every token and limits only the "
+             "reads (compare it on the KV-reads column).", "",
+             "| system | decision CR | memory CR | ppl | ppl increase | KL | passkey | multi-key | var. tracking | "
+             "retrieval | KV reads (gen) | peak held / row |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in order:
+        r = results.get(name)
+        if r is None:
+            continue
+        ta = r.get("task_accuracy", {})
+        lines.append(
+            f"| {name} | {_fmt(r.get('decision_cr'))} | {_fmt(r.get('memory_cr'))} | {_fmt(r.get('ppl'))} | "
+            f"{_fmt(r.get('ppl_increase'), pct=True)} | {_fmt(r.get('kl'))} | {_fmt(ta.get('passkey'))} | "
+            f"{_fmt(ta.get('multikey'))} | {_fmt(ta.get('variable_tracking'))} | {_fmt(r.get('retrieval_accuracy'))} | "
+            f"{_fmt(r.get('decode_kv_reads'))} | {_fmt(r.get('peak_tokens_held_per_row'))} |")
+    lines += ["", "Summary (fractions): " + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in summary.items()
+                                                      if not k.endswith("_policy")), ""]
+    lines += ["Targets:", ""] + [f"- {t}" for t in targets(summary)] + [""]
+    lines += [f"Note: {n}  " for n in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
+    lines += [f"![{Path(i).stem}]({i})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def targets(summary: dict) -> list[str]:
+    """The issue's quality targets, each marked met / MISSED with the measured value."""
+    def chk(name, key, ok):
+        v = summary.get(key)
+        if v is None:
+            return f"{name}: not measured"
+        return f"{name}: {'met' if ok(v) else 'MISSED'} ({_fmt(v)})"
+
+    out = [chk("base model retrieval at full cache >= 0.90", "base_retrieval_accuracy", lambda v: v >= 0.9),
+           chk("DMS ppl increase <= 3% at CR 4", "ppl_increase_cr4", lambda v: v <= 0.03),
+           chk("DMS ppl increase <= 8% at CR 8", "ppl_increase_cr8", lambda v: v <= 0.08),
+           chk("DMS retrieval at CR 8 >= 90% of base", "retrieval_ratio_cr8", lambda v: v >= 0.9),
+           chk("CR 8 reached within 1,000 steps", "steps_to_cr8", lambda v: v <= 1000)]
+    for k in sorted(k for k in summary if k.startswith("dms_beats_every_baseline_")):
+        out.append(f"DMS beats every baseline (ppl and retrieval) at {k.rsplit('_', 1)[1].upper()}: "
+                   f"{'met' if summary[k] else 'MISSED'}")
+    return out
+
+
+def write_section(md_path: Path, section: str, title: str = "## Quality"):
+    """Replace (or append) the ``title`` section of ``md_path``, leaving other sections untouched."""
+    text = md_path.read_text() if md_path.is_file() else "# Benchmarks\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.strip() == title), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        new = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(new)
+
+
+def spec_dict(spec: RunSpec) -> dict:
+    return asdict(spec)
