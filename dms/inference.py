@@ -68,12 +68,17 @@ def load_retention_weights(model, path: str) -> int:
 
 
 def load(path: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         attention_impl: str | None = None, window: int | None = None):
+         attention_impl: str | None = None, window: int | None = None, cache: str = "auto"):
     """Load a DMS checkpoint folder and return ``(model, tokenizer)`` in eval mode.
 
-    ``model.generate()`` then prunes the KV cache live (a :class:`dms.DMSCache` is created per call).
-    Raises ValueError if the checkpoint has no DMS settings.
+    ``model.generate()`` then prunes the KV cache live: a cache is created per call, ``cache="paged"``
+    (:class:`dms.paged_cache.PagedDMSCache`), ``"reference"`` (:class:`dms.DMSCache`) or ``"auto"``
+    (paged on CUDA, reference elsewhere). Raises ValueError if the checkpoint has no DMS settings.
     """
+    from .paged_cache import CACHE_KINDS
+
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {CACHE_KINDS}; got {cache!r}")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(path):
@@ -91,6 +96,7 @@ def load(path: str, device: str | torch.device | None = None, dtype: torch.dtype
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     retrofit(model, cfg)
+    model._dms_cache_kind = cache
     if cfg.retention == "adapter":
         n = load_retention_weights(model, path)
         if n == 0:

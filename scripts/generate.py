@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--window", type=int, default=None, help="override the checkpoint's DMS window")
+    p.add_argument("--cache", default="auto", choices=("auto", "paged", "reference"),
+                   help="KV cache: paged (Triton page store), reference (pure PyTorch); auto = paged on CUDA")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
@@ -38,13 +40,14 @@ def main(argv=None) -> int:
     import torch
 
     import dms
+    from dms.paged_cache import make_cache
 
     if args.max_new_tokens < 1:
         print(f"error: --max-new-tokens must be >= 1; got {args.max_new_tokens}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, tok = dms.load(args.checkpoint, device=device, dtype=args.dtype, window=args.window)
+        model, tok = dms.load(args.checkpoint, device=device, dtype=args.dtype, window=args.window, cache=args.cache)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
 
     if args.chat:
-        cache = dms.DMSCache(model)
+        cache = make_cache(model, args.cache)
         history = None
         print("multi-turn: type a message, empty line to stop", file=sys.stderr)
         for line in sys.stdin:
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
             prompts = [l.rstrip("\n") for l in f if l.strip()]
     tok.padding_side = "left"  # new tokens follow every prompt directly; padding is never cached
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
-    cache = dms.DMSCache(model)
+    cache = make_cache(model, args.cache)
     out = model.generate(**enc, past_key_values=cache, **gen_kwargs)
     texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     kv = _kv_line(cache)

@@ -1,0 +1,484 @@
+"""Paged DMS KV cache: a per-head page store that frees evicted memory while it generates.
+
+Same semantics and protocol as the reference :class:`dms.cache.DMSCache` (``dms_attend``, ``stats()``
+keys), but each (sequence, KV head) *stream* holds exactly its live tokens (the last ``window`` plus the
+kept older ones) in fixed-size pages drawn from one pool per layer; nothing is padded to the longest
+head. Layout and decode-step rules: ``dms_kernels/decode_attention/reference.py``.
+
+- Decode (one new column per row): one Triton kernel applies the pending decision, recycles the slot of
+  the key that just left the window when it is flagged evict (the new token takes that slot), else takes
+  the next slot and pops a page from the pool's free stack on the device; a split-K Triton kernel then
+  attends over the ragged store (all query heads of a KV head in one program). No host sync per step:
+  the host keeps an upper bound on pages that can be taken and reads the free count only when the bound
+  says the pool might run dry, then grows the pool.
+- Prefill / multi-turn chunks (several columns): processed in chunks of ``prefill_chunk`` columns; each
+  chunk attends to the cached keys (fp32, query-chunked) and to itself with the hard-mask kernel
+  (``dms_kernels.train_attention.dms_attention_hard`` on CUDA, its fp32 reference elsewhere), merged by
+  log-sum-exp; then the streams are repacked into pages (survivors only). Memory O(chunk * held).
+- Batch ops (beam reorder, repeat_interleave, select) repack the pool, which also shrinks it after
+  sequences finish. Padding columns (attention_mask == 0) are never cached.
+
+On CPU the same state machine runs through the PyTorch references (``backend="torch"``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from dms_kernels.decode_attention import (
+    gather_stream,
+    masked_attention_lse,
+    paged_append_reference,
+    paged_decode_attention_reference,
+    ring_size,
+)
+
+CACHE_KINDS = ("auto", "paged", "reference")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _hard_chunk_attention(q, k, v, evict, window, doc_ids, scale, use_triton: bool):
+    """Chunk-internal DMS hard-mask attention: q ``[B, H, T, D]``, k/v ``[B, Hkv, T, D]``, evict ``[B, Hkv, T]``.
+
+    Returns ``o [B, H, T, D]`` and natural-log ``lse [B, H, T]``.
+    """
+    if use_triton:
+        from dms_kernels.train_attention import dms_attention_hard
+
+        return dms_attention_hard(q, k, v, evict, window, doc_ids, scale)
+    from dms_kernels.train_attention.reference import dms_attention_reference, hard_log_keep
+
+    return dms_attention_reference(q, k, v, hard_log_keep(evict), window, doc_ids, scale)
+
+
+class PagedDMSCacheLayer(CacheLayerMixin):
+    """One layer's page pool and per-stream bookkeeping (streams ``n = b * Hkv + h``)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, page_size: int = 64, backend: str = "torch", prefill_chunk: int = 8192,
+                 initial_pages_per_stream: int = 4):
+        super().__init__()
+        self.page_size = page_size
+        self.backend = backend
+        self.prefill_chunk = prefill_chunk
+        self.initial_pages_per_stream = initial_pages_per_stream
+        self.window = None
+        self.columns = 0
+        self.held_history: list = []  # device scalars: tokens held after each call
+        self._peak = None
+        self.grow_events = 0
+
+    # --- transformers Cache protocol -------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states, window: int = 0):
+        B, Hkv, _, D = key_states.shape
+        self.B, self.Hkv, self.N, self.D, self.DV = B, Hkv, B * Hkv, D, value_states.shape[-1]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.window = int(window)
+        self.R = ring_size(self.window)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self.seen_s = torch.zeros(self.N, **i32)
+        self._alloc_pool(self.N * self.initial_pages_per_stream)
+        self._reset_streams(self.N)
+        self.is_initialized = True
+
+    def _alloc_pool(self, capacity: int):
+        PS, dev = self.page_size, self.device
+        self.capacity = int(capacity)
+        # zeros, not empty: slots past a stream's end are masked, but stale bytes must never be NaN
+        self.k_pool = torch.zeros(self.capacity, PS, self.D, dtype=self.dtype, device=dev)
+        self.v_pool = torch.zeros(self.capacity, PS, self.DV, dtype=self.dtype, device=dev)
+        self.pos_pool = torch.full((self.capacity, PS), -1, dtype=torch.int32, device=dev)
+        self.free_stack = torch.arange(self.capacity - 1, -1, -1, dtype=torch.int32, device=dev)
+        self.free_top = torch.full((1,), self.capacity, dtype=torch.int32, device=dev)
+
+    def _reset_streams(self, N: int):
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self.block_table = torch.zeros(N, max(1, self.initial_pages_per_stream), **i32)
+        self.seq_len = torch.zeros(N, **i32)
+        self.held = torch.zeros(N, **i32)
+        self.now = torch.zeros(N, **i32)
+        self.ring_slot = torch.full((N, self.R), -1, **i32)
+        self.ring_ev = torch.zeros(N, self.R, dtype=torch.bool, device=self.device)
+        self._len_bound = 0
+        self._free_known = int(self.free_top[0]) if hasattr(self, "free_top") else 0
+        self._steps = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # dms_attend appends, prunes and attends in one place (it needs the retention logits).
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.columns + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        for name in ("k_pool", "v_pool", "pos_pool", "block_table", "seq_len", "held", "now", "ring_slot",
+                     "ring_ev", "free_stack", "free_top", "seen_s"):
+            setattr(self, name, None)
+        self.columns = 0
+        self.held_history = []
+        self._peak = None
+        self.is_initialized = False
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """``[B]`` real tokens seen per row."""
+        return self.seen_s.view(self.B, self.Hkv)[:, 0].long()
+
+    def held_tokens(self) -> torch.Tensor:
+        """``[B, Hkv]`` tokens held (visible to the next query), as the reference cache counts them."""
+        return self.held.view(self.B, self.Hkv).long()
+
+    # --- dense view and repacking ----------------------------------------------------------------
+    def _dense(self):
+        """Held tokens as padded tensors ``keys/values [B, Hkv, S, D]``, ``pos [B, Hkv, S]`` (-1 empty), ``evict``."""
+        keys, values, pos = gather_stream(self.k_pool, self.v_pool, self.pos_pool, self.block_table, self.seq_len)
+        S = keys.shape[1]
+        # Decisions of held keys: only keys inside the ring range can carry an evict flag (older held keys
+        # are kept); the ring entry is valid when it still points at this slot.
+        seen = self.seen_s.long()[:, None]
+        ri = pos.clamp(min=0) % self.R
+        in_ring = (pos >= 0) & (pos >= seen - self.R)
+        slot_idx = torch.arange(S, device=self.device)[None, :]
+        match = torch.gather(self.ring_slot, 1, ri).long() == slot_idx
+        ev = in_ring & match & torch.gather(self.ring_ev, 1, ri)
+        B, Hkv = self.B, self.Hkv
+        return (keys.view(B, Hkv, S, self.D), values.view(B, Hkv, S, self.DV), pos.view(B, Hkv, S), ev.view(B, Hkv, S))
+
+    def _pack(self, keys, values, pos, ev, headroom_pages: int = 2):
+        """Rewrite the pool with the survivors of ``[B, Hkv, S, ...]`` (dead keys at the current ``seen`` dropped)."""
+        B, Hkv, S = pos.shape
+        N, PS, dev = B * Hkv, self.page_size, self.device
+        seen = self.seen_s.view(B, Hkv).long()[..., None]
+        keep = (pos >= 0) & ~(ev & ((seen - pos) > self.window))
+        counts = keep.sum(-1).view(N)
+        S2 = int(counts.max()) if N else 0
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :S2]
+        keep_s = torch.gather(keep, 2, order).view(N, S2)
+        k = torch.gather(keys, 2, order[..., None].expand(-1, -1, -1, keys.shape[-1])).view(N, S2, self.D)
+        v = torch.gather(values, 2, order[..., None].expand(-1, -1, -1, values.shape[-1])).view(N, S2, self.DV)
+        p = torch.gather(pos, 2, order).view(N, S2).masked_fill(~keep_s, -1)
+        e = (torch.gather(ev, 2, order).view(N, S2)) & keep_s
+        nblk = (counts + PS - 1) // PS
+        total = int(nblk.sum())
+        need = total + N * headroom_pages
+        if self.capacity < need or self.capacity > 2 * need:
+            self._alloc_pool(need)  # grows, or shrinks after sequences finished
+        maxb = max(1, -(-S2 // PS) + headroom_pages)
+        starts = torch.cumsum(nblk, 0) - nblk
+        j = torch.arange(maxb, device=dev)
+        self.block_table = torch.where(j[None, :] < nblk[:, None], starts[:, None] + j[None, :], 0).to(torch.int32)
+        s = torch.arange(S2, device=dev)
+        page = (starts[:, None] + s[None, :] // PS)[keep_s]
+        off = (s[None, :] % PS).expand(N, S2)[keep_s]
+        self.k_pool[page, off] = k[keep_s].to(self.dtype)
+        self.v_pool[page, off] = v[keep_s].to(self.dtype)
+        self.pos_pool[page, off] = p[keep_s].to(torch.int32)
+        cap = self.capacity
+        free = cap - total
+        self.free_stack = torch.cat([torch.arange(cap - 1, total - 1, -1, device=dev),
+                                     torch.zeros(total, dtype=torch.long, device=dev)]).to(torch.int32)
+        self.free_top = torch.full((1,), free, dtype=torch.int32, device=dev)
+        self.seq_len = counts.to(torch.int32)
+        self.held = counts.to(torch.int32)
+        self.now = counts.to(torch.int32)
+        ring = (p >= 0) & (p >= seen.view(N, 1) - self.R)
+        n_idx = torch.arange(N, device=dev)[:, None].expand(N, S2)[ring]
+        r_idx = (p % self.R)[ring]
+        self.ring_slot = torch.full((N, self.R), -1, dtype=torch.int32, device=dev)
+        self.ring_ev = torch.zeros(N, self.R, dtype=torch.bool, device=dev)
+        self.ring_slot[n_idx, r_idx] = s[None, :].expand(N, S2)[ring].to(torch.int32)
+        self.ring_ev[n_idx, r_idx] = e[ring]
+        self._len_bound = S2
+        self._free_known = free
+        self._steps = 0
+
+    def _index_batch(self, idx):
+        if not self.is_initialized:
+            return
+        idx = torch.as_tensor(idx, device=self.device).long()
+        keys, values, pos, ev = self._dense()
+        seen = self.seen_s.view(self.B, self.Hkv)
+        self.B = int(idx.numel())
+        self.N = self.B * self.Hkv
+        self.seen_s = seen.index_select(0, idx).reshape(-1).contiguous()
+        self._pack(keys.index_select(0, idx), values.index_select(0, idx), pos.index_select(0, idx),
+                   ev.index_select(0, idx))
+
+    def reorder_cache(self, beam_idx):
+        self._index_batch(beam_idx)
+
+    def batch_select_indices(self, indices):
+        self._index_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.is_initialized:
+            self._index_batch(torch.arange(self.B, device=self.device).repeat_interleave(repeats))
+
+    # --- allocation during decode ------------------------------------------------------------------
+    def _grow(self, extra: int):
+        """Add ``extra`` pages to the pool (keeps every page id; free pages stay on the stack)."""
+        dev, PS = self.device, self.page_size
+        free = int(self.free_top[0])
+        old = self.capacity
+        self.k_pool = torch.cat([self.k_pool, torch.zeros(extra, PS, self.D, dtype=self.dtype, device=dev)])
+        self.v_pool = torch.cat([self.v_pool, torch.zeros(extra, PS, self.DV, dtype=self.dtype, device=dev)])
+        self.pos_pool = torch.cat([self.pos_pool, torch.full((extra, PS), -1, dtype=torch.int32, device=dev)])
+        self.capacity = old + extra
+        stack = torch.zeros(self.capacity, dtype=torch.int32, device=dev)
+        stack[:free] = self.free_stack[:free]
+        stack[free:free + extra] = torch.arange(old + extra - 1, old - 1, -1, dtype=torch.int32, device=dev)
+        self.free_stack = stack
+        self.free_top = torch.full((1,), free + extra, dtype=torch.int32, device=dev)
+        self.grow_events += 1
+        return free + extra
+
+    def _reserve_decode(self):
+        """Make sure the next decode append cannot run out of pages or block-table columns."""
+        PS, N = self.page_size, self.N
+        self._steps += 1
+        # Over k appends a stream opens at most k // PS + 1 new pages (slots are consecutive or recycled).
+        if N * (self._steps // PS + 1) > self._free_known:
+            free = int(self.free_top[0])  # the only host sync, taken when the bound says the pool may run dry
+            if free < 2 * N:
+                free = self._grow(max(4 * N, self.capacity // 2))
+            self._free_known = free
+            self._steps = 1
+        self._len_bound += 1
+        need_cols = -(-self._len_bound // PS)
+        if need_cols > self.block_table.shape[1]:
+            extra = max(need_cols - self.block_table.shape[1], self.block_table.shape[1])
+            self.block_table = torch.cat(
+                [self.block_table, torch.zeros(N, extra, dtype=torch.int32, device=self.device)], 1)
+
+    # --- DMS -----------------------------------------------------------------------------------------
+    def attend(self, query, key, value, logits, valid, window: int, scaling: float) -> torch.Tensor:
+        """Append a chunk, apply decisions, attend with the hard mask, prune (as the reference cache).
+
+        Args:
+            query ``[B, H, Tn, D]``, key/value ``[B, Hkv, Tn, D]``; logits ``[B, Tn, Hkv]`` (evict iff > 0);
+            valid ``[B, Tn]`` bool (False = padding, never cached) or None.
+        Returns:
+            ``[B, H, Tn, D]`` (zeros for padding queries).
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key, value, window)
+        elif int(window) != self.window:
+            raise ValueError(f"window changed from {self.window} to {window} within one cache; use a new cache")
+        B, H, Tn, D = query.shape
+        if B != self.B:
+            raise ValueError(f"batch size {B} != cached batch {self.B}; call batch_select_indices/"
+                             "batch_repeat_interleave first or use a new cache")
+        if Tn == 1:
+            return self._decode(query, key, value, logits, valid, scaling)
+        outs, peak = [], None
+        for s in range(0, Tn, self.prefill_chunk):
+            e = s + self.prefill_chunk
+            o, now_total = self._chunk(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], logits[:, s:e],
+                                       None if valid is None else valid[:, s:e], scaling)
+            outs.append(o)
+            peak = now_total if peak is None else torch.maximum(peak, now_total)
+        # One history entry per call (as the reference); the peak is the real one, per chunk.
+        self._record(peak)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+    def _record(self, now_total):
+        self.held_history.append(self.held.sum())
+        self._peak = now_total if self._peak is None else torch.maximum(self._peak, now_total)
+
+    def _decode(self, query, key, value, logits, valid, scaling):
+        B, H, _, D = query.shape
+        self.columns += 1
+        self._reserve_decode()
+        v1 = torch.ones(B, dtype=torch.bool, device=self.device) if valid is None else valid[:, 0]
+        args = (key[:, :, 0], value[:, :, 0], logits[:, 0].float(), v1, self.seen_s, self.k_pool, self.v_pool,
+                self.pos_pool, self.block_table, self.seq_len, self.held, self.now, self.ring_slot, self.ring_ev,
+                self.free_stack, self.free_top, self.window)
+        q = query[:, :, 0]
+        if self.backend == "triton":
+            from dms_kernels.decode_attention import paged_append, paged_decode_attention
+
+            paged_append(*args)
+            out = paged_decode_attention(q, self.k_pool, self.v_pool, self.pos_pool, self.block_table,
+                                         self.seq_len, scaling, valid=v1, max_len=self._len_bound)
+        else:
+            paged_append_reference(*args)
+            out = paged_decode_attention_reference(q, self.k_pool, self.v_pool, self.pos_pool, self.block_table,
+                                                   self.seq_len, scaling, valid=v1)
+        self._record(self.now.sum())
+        return out[:, :, None]
+
+    def _chunk(self, query, key, value, logits, valid, scaling):
+        B, H, Tn, D = query.shape
+        Hkv, W, dev = self.Hkv, self.window, self.device
+        self.columns += Tn
+        if valid is None:
+            valid = torch.ones(B, Tn, dtype=torch.bool, device=dev)
+        keys_o, vals_o, pos_o, ev_o = self._dense()
+        seen = self.seen
+        n_valid = valid.sum(-1)
+        new_pos = torch.where(valid, seen[:, None] + valid.long().cumsum(-1) - 1, -1)  # [B, Tn]
+        # Decisions (as the reference): each real token decides about the previous real token of its row.
+        idx = torch.arange(Tn, device=dev).expand(B, Tn)
+        big = torch.full_like(idx, Tn)
+        vidx = torch.where(valid, idx, big)
+        nxt = torch.cat([vidx[:, 1:], big[:, :1]], dim=1).flip(-1).cummin(-1).values.flip(-1)
+        gathered = torch.gather(logits, 1, nxt.clamp(max=Tn - 1)[..., None].expand(-1, -1, Hkv))
+        new_evict = (gathered > 0) & (nxt < Tn)[..., None] & valid[..., None]  # [B, Tn, Hkv]
+        first = vidx.min(-1).values
+        has_first = first < Tn
+        S = pos_o.shape[-1]
+        out = None
+        if S > 0:
+            first_logit = torch.gather(logits, 1, first.clamp(max=Tn - 1)[:, None, None].expand(-1, 1, Hkv))[:, 0]
+            pending = (pos_o == (seen - 1)[:, None, None]) & (has_first & (seen > 0))[:, None, None]
+            ev_o = ev_o | (pending & (first_logit > 0)[..., None])
+            dead = ev_o & ((seen[:, None, None] - pos_o) > W)  # only for window 0: key p-1 hidden from query p
+            pos_o = pos_o.masked_fill(dead, -1)
+            o_a, lse_a = masked_attention_lse(query, keys_o, vals_o, new_pos, pos_o, ev_o, W, scaling)
+        # Chunk-internal attention: real columns moved to the front (stable), so that column distance is
+        # position distance for any padding layout; padding becomes its own document (-1).
+        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices  # [B, Tn]
+        inv = torch.argsort(order, dim=-1)
+        qc = torch.gather(query, 2, order[:, None, :, None].expand(B, H, Tn, D))
+        kc = torch.gather(key, 2, order[:, None, :, None].expand(B, Hkv, Tn, key.shape[-1]))
+        vc = torch.gather(value, 2, order[:, None, :, None].expand(B, Hkv, Tn, value.shape[-1]))
+        evc = torch.gather(new_evict, 1, order[..., None].expand(B, Tn, Hkv)).transpose(1, 2).contiguous()
+        doc = None if bool(valid.all()) else torch.where(torch.gather(valid, 1, order), 0, -1).to(torch.int32)
+        o_b, lse_b = _hard_chunk_attention(qc, kc, vc, evc, W, doc, scaling, self.backend == "triton")
+        o_b = torch.gather(o_b.float(), 2, inv[:, None, :, None].expand(B, H, Tn, o_b.shape[-1]))
+        lse_b = torch.gather(lse_b.float(), 2, inv[:, None, :].expand(B, H, Tn))
+        if out is None and S > 0:
+            m = torch.maximum(lse_a, lse_b).nan_to_num(0.0, neginf=0.0)
+            wa, wb = torch.exp(lse_a - m[..., None].squeeze(-1)), torch.exp(lse_b - m)
+            out = (o_a * wa[..., None] + o_b * wb[..., None]) / (wa + wb).clamp(min=1e-30)[..., None]
+        else:
+            out = o_b
+        out = out.masked_fill(~valid[:, None, :, None], 0.0).to(query.dtype)
+        # State: append the real new keys, prune with the next position, repack the pool.
+        keys_all = torch.cat([keys_o, key.to(self.dtype)], 2)
+        vals_all = torch.cat([vals_o, value.to(self.dtype)], 2)
+        pos_all = torch.cat([pos_o, new_pos[:, None, :].expand(B, Hkv, Tn)], 2)
+        ev_all = torch.cat([ev_o, new_evict.transpose(1, 2)], 2)
+        now_total = (pos_all >= 0).sum().to(torch.int32)
+        self.seen_s = (seen + n_valid).to(torch.int32).repeat_interleave(Hkv)
+        self._pack(keys_all, vals_all, pos_all, ev_all)
+        return out, now_total
+
+    # --- memory --------------------------------------------------------------------------------------
+    def bytes_per_token(self) -> int:
+        return self.k_pool.element_size() * (self.D + self.DV)
+
+    def pages_in_use(self) -> int:
+        return self.capacity - int(self.free_top[0])
+
+    def check_allocator(self):
+        """Internal invariants (tests): every page is either free exactly once or owned by exactly one block."""
+        PS = self.page_size
+        free = self.free_stack[: int(self.free_top[0])].long().tolist()
+        nblk = ((self.seq_len.long() + PS - 1) // PS).tolist()
+        owned = [int(self.block_table[n, j]) for n in range(self.N) for j in range(nblk[n])]
+        everything = free + owned
+        assert len(everything) == len(set(everything)), "a page is used twice (or free and used)"
+        assert sorted(everything) == list(range(self.capacity)), "a page leaked (neither free nor owned)"
+        return len(owned), len(free)
+
+
+class PagedDMSCache(Cache):
+    """A transformers ``Cache`` holding each (sequence, KV head)'s live tokens in pages (see module doc).
+
+    Args:
+        model: a retrofitted model (for the layer count), or ``num_layers``.
+        page_size: slots per page (power of two >= 16; 64 default: one 64 x 128 tile per load).
+        backend: ``triton`` (CUDA kernels), ``torch`` (references) or ``auto`` (triton on CUDA).
+        prefill_chunk: columns per prefill chunk (bounds prefill memory to O(chunk * held)).
+    """
+
+    def __init__(self, model=None, num_layers: int | None = None, page_size: int = 64, backend: str = "auto",
+                 prefill_chunk: int = 8192):
+        if num_layers is None:
+            from .patching import dms_state
+
+            num_layers = dms_state(model).num_layers
+        if page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 16 (tl.dot tiles); got {page_size}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1; got {prefill_chunk}")
+        if backend == "auto":
+            dev = None
+            if model is not None:
+                p = next(model.parameters(), None)
+                dev = p.device if p is not None else None
+            backend = "triton" if (dev is not None and dev.type == "cuda") else "torch"
+        self.backend = backend
+        super().__init__(layers=[PagedDMSCacheLayer(page_size, backend, prefill_chunk) for _ in range(num_layers)])
+
+    def dms_attend(self, layer_idx, query, key, value, logits, valid, window, scaling):
+        if self.backend == "triton" and query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"PagedDMSCache(backend='triton') needs CUDA tensors; got {query.device}. "
+                             "Use backend='torch' (or 'auto') on CPU")
+        return self.layers[layer_idx].attend(query, key, value, logits, valid, window, scaling)
+
+    def shrink(self):
+        """Repack every layer's pool to its live pages (plus headroom); returns bytes allocated after."""
+        for l in self.layers:
+            if l.is_initialized:
+                l._pack(*l._dense())
+        return self.stats()["bytes_allocated"]
+
+    def stats(self) -> dict:
+        """Reference keys (tokens seen/held, memory CR overall/per layer/per head, bytes, peak, per call)
+        plus ``bytes_allocated`` (pool capacity), ``bytes_live`` (held tokens), ``pages_in_use``,
+        ``tokens_held_per_layer_head`` ([L][B][Hkv])."""
+        layers = [l for l in self.layers if l.is_initialized]
+        if not layers:
+            return {"tokens_seen": 0, "tokens_held": 0, "memory_cr": 1.0}
+        seen = layers[0].seen
+        Hkv = layers[0].Hkv
+        held = torch.stack([l.held_tokens() for l in layers])  # [L, B, Hkv]
+        seen_total = int(seen.sum()) * Hkv * len(layers)
+        held_total = int(held.sum())
+        bpt = layers[0].bytes_per_token()
+        hist = [sum(int(x) for x in xs) for xs in zip(*[l.held_history for l in layers])]
+        return {
+            "tokens_seen": int(seen.sum()),
+            "tokens_held": held_total,
+            "memory_cr": seen_total / max(held_total, 1),
+            "memory_cr_per_layer": (seen.sum() * Hkv / held.sum(dim=(1, 2)).clamp(min=1)).tolist(),
+            "memory_cr_per_head": (seen.sum() / held.sum(dim=1).clamp(min=1)).tolist(),
+            "bytes_held": held_total * bpt,
+            "bytes_dense": seen_total * bpt,
+            "peak_tokens_held": sum(int(l._peak) for l in layers if l._peak is not None),
+            "held_per_call": hist,
+            "bytes_live": held_total * bpt,
+            "bytes_allocated": sum(l.capacity * l.page_size * l.bytes_per_token() for l in layers),
+            "pages_in_use": sum(l.pages_in_use() for l in layers),
+            "tokens_held_per_layer_head": held.tolist(),
+        }
+
+
+def make_cache(model, kind: str = "auto", **kwargs) -> Cache:
+    """The DMS cache for ``model``: ``paged`` (this module), ``reference`` (dms.cache.DMSCache), or
+    ``auto``: paged when the model sits on CUDA, reference otherwise."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {CACHE_KINDS}; got {kind!r}")
+    if kind == "auto":
+        p = next(model.parameters(), None)
+        kind = "paged" if (p is not None and p.device.type == "cuda") else "reference"
+    if kind == "reference":
+        from .cache import DMSCache
+
+        return DMSCache(model)
+    return PagedDMSCache(model, **kwargs)

@@ -1,0 +1,33 @@
+"""Paged DMS decoding: append one token per stream and attend over the ragged per-head page store.
+
+``paged_append`` / ``paged_decode_attention`` are the Triton kernels (triton_decode.py);
+``paged_append_reference`` / ``paged_decode_attention_reference`` their pure-PyTorch references
+(reference.py, which also documents the store layout). ``masked_attention_lse`` is the fp32 hard-mask
+attention with log-sum-exp used for prefill chunks against already cached keys.
+"""
+from __future__ import annotations
+
+from .reference import (
+    gather_stream,
+    masked_attention_lse,
+    paged_append_reference,
+    paged_decode_attention_reference,
+    ring_size,
+)
+
+__all__ = [
+    "gather_stream", "masked_attention_lse", "paged_append", "paged_append_reference",
+    "paged_decode_attention", "paged_decode_attention_reference", "ring_size",
+]
+
+
+def paged_append(*args, **kwargs):
+    from .triton_decode import paged_append as _f
+
+    return _f(*args, **kwargs)
+
+
+def paged_decode_attention(*args, **kwargs):
+    from .triton_decode import paged_decode_attention as _f
+
+    return _f(*args, **kwargs)

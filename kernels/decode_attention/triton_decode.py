@@ -1,0 +1,259 @@
+"""Triton kernels for paged DMS decoding (semantics and layout: reference.py).
+
+``paged_append``: one program per stream (sequence, KV head); applies the pending decision, recycles
+the slot of the key that just left the window when it is flagged, else takes the next slot and pops a
+page from the free stack with an atomic when the slot opens a block. No host synchronisation.
+
+``paged_decode_attention``: split-K flash decoding over the ragged per-head store. Grid
+``(N streams, splits)``; one program holds all ``G = H / Hkv`` query heads of its KV head (padded to
+16 rows for ``tl.dot``), so every K/V byte is read once per step. Each split walks its range of
+pages with an online softmax in fp32 and writes a partial output and log-sum-exp; a second kernel
+merges the splits (log-sum-exp weighted) and writes ``[B, H, D]`` in the query dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Tests set this to allocate outputs filled with NaN, so that an unwritten element fails.
+POISON_OUTPUTS = os.environ.get("DMS_ATTN_POISON", "0") == "1"
+# Triton 3.9's CPU interpreter returns garbage for bf16 tl.dot (measured: 2.8e10 max error on a 16x16
+# product; fp16 exact), so under the interpreter bf16 operands are upcast to fp32 before the dot.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _empty(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _append_kernel(KN, VN, LG, VALID, SEEN, KP, VP, POSP, BT, LEN, HELD, NOW, RSLOT, REV, FREE, FTOP,
+                   s_knb, s_knh, s_vnb, s_vnh, s_lgb, s_lgh, s_kp, s_kt, s_vp, s_vt, s_bt,
+                   HKV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, PS: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr):
+    n = tl.program_id(0)
+    b = n // HKV
+    h = n % HKV
+    ok = tl.load(VALID + b) != 0
+    p = tl.load(SEEN + n)
+    lg = tl.load(LG + b * s_lgb + h * s_lgh)
+    ev_prev = lg > 0
+    tl.store(REV + n * R + (p - 1) % R, ev_prev.to(tl.int8), mask=ok & (p > 0))
+    c = p - 1 - W
+    ci = (c + R) % R
+    rs = tl.load(RSLOT + n * R + ci)
+    evc = tl.load(REV + n * R + ci) != 0
+    if W == 0:
+        evc = ev_prev
+    drop = ok & (c >= 0) & (rs >= 0) & evc
+    tl.store(RSLOT + n * R + ci, -1, mask=drop)
+    ln = tl.load(LEN + n)
+    slot = tl.where(drop, rs, ln)
+    append = ok & (~drop)
+    need = append & (slot % PS == 0)
+    top = tl.atomic_add(FTOP, -1, mask=need)  # old value; the popped page is FREE[top - 1]
+    new_page = tl.load(FREE + tl.maximum(top - 1, 0), mask=need, other=0)
+    blk = slot // PS
+    tl.store(BT + n * s_bt + blk, new_page, mask=need)
+    old_page = tl.load(BT + n * s_bt + blk, mask=ok & (~need), other=0)
+    page = tl.where(need, new_page, old_page).to(tl.int64)
+    tl.store(LEN + n, ln + 1, mask=append)
+    off = slot % PS
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    k = tl.load(KN + b * s_knb + h * s_knh + d)
+    v = tl.load(VN + b * s_vnb + h * s_vnh + dv)
+    oki = ok.to(tl.int32)
+    tl.store(KP + page * s_kp + off * s_kt + d, k.to(KP.dtype.element_ty), mask=(d * 0 + oki) != 0)
+    tl.store(VP + page * s_vp + off * s_vt + dv, v.to(VP.dtype.element_ty), mask=(dv * 0 + oki) != 0)
+    tl.store(POSP + page * PS + off, p, mask=ok)
+    tl.store(RSLOT + n * R + p % R, slot, mask=ok)
+    tl.store(REV + n * R + p % R, 0, mask=ok)
+    held = tl.load(HELD + n)
+    if W == 0:
+        now = held + 1 - drop.to(tl.int32)
+        new_held = now
+    else:
+        now = held + 1
+        c2 = p - W
+        c2i = (c2 + R) % R
+        ev2 = tl.load(REV + n * R + c2i) != 0
+        ev2 = tl.where(c2 == p - 1, ev_prev, ev2)
+        rs2 = tl.load(RSLOT + n * R + c2i)
+        dying = (c2 >= 0) & (rs2 >= 0) & ev2
+        new_held = now - dying.to(tl.int32)
+    tl.store(NOW + n, now, mask=ok)
+    tl.store(HELD + n, new_held, mask=ok)
+    tl.store(SEEN + n, p + 1, mask=ok)
+
+
+def paged_append(k_new, v_new, logits, valid, seen, k_pool, v_pool, pos_pool, block_table, seq_len,
+                 held, now, ring_slot, ring_ev, free_stack, free_top, window: int):
+    """Triton form of :func:`reference.paged_append_reference` (same arguments; ``ring_ev`` int8/bool)."""
+    B, Hkv, D = k_new.shape
+    DV = v_new.shape[-1]
+    N = B * Hkv
+    if valid.dtype == torch.bool:
+        valid = valid.to(torch.int8)
+    rev = ring_ev if ring_ev.dtype == torch.int8 else ring_ev.view(torch.int8)
+    _append_kernel[(N,)](
+        k_new, v_new, logits, valid, seen, k_pool, v_pool, pos_pool, block_table, seq_len, held, now,
+        ring_slot, rev, free_stack, free_top,
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), logits.stride(0), logits.stride(1),
+        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), block_table.stride(0),
+        HKV=Hkv, W=int(window), R=ring_slot.shape[1], PS=k_pool.shape[1], D=D, DV=DV, num_warps=1,
+    )
+
+
+@triton.jit
+def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_split,
+                         s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_ops, s_lpn,
+                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         PS: tl.constexpr, IEEE: tl.constexpr):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    b = n // HKV
+    h = n % HKV
+    length = tl.load(LEN + n)
+    n_pages = tl.cdiv(length, PS)
+    p0 = split * pages_per_split
+    p1 = tl.minimum(p0 + pages_per_split, n_pages)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    t = tl.arange(0, PS)
+    q = tl.load(Q + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g[:, None] < G, other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DV], tl.float32)
+    for j in range(p0, p1):
+        page = tl.load(BT + n * s_bt + j).to(tl.int64)
+        k = tl.load(KP + page * s_kp + t[:, None] * s_kt + d[None, :])
+        pos = tl.load(POSP + page * PS + t)
+        ok = ((j * PS + t) < length) & (pos >= 0)
+        # Slots past the end or freed hold stale or uninitialised bytes: masked so that 0 * NaN never enters.
+        v = tl.load(VP + page * s_vp + t[:, None] * s_vt + dv[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        m_i = m_new
+    # lse in log2 units; -inf where this split saw nothing.
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    o = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(OP + n * s_opn + split * s_ops + g[:, None] * DV + dv[None, :], o, mask=g[:, None] < G)
+    tl.store(LP + n * s_lpn + split * GP + g, lse, mask=g < G)
+
+
+@triton.jit
+def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
+                  HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, SP: tl.constexpr):
+    n = tl.program_id(0)
+    g = tl.program_id(1)
+    b = n // HKV
+    h = n % HKV
+    sp = tl.arange(0, SP)
+    dv = tl.arange(0, DV)
+    lse = tl.load(LP + n * s_lpn + sp * GP + g, mask=sp < n_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    den = tl.sum(w, 0)
+    o = tl.load(OP + n * s_opn + sp[:, None] * s_ops + g * DV + dv[None, :], mask=(sp < n_splits)[:, None], other=0.0)
+    o = tl.where((w > 0)[:, None], o, 0.0)  # an empty split stored garbage-free zeros, but never trust it
+    out = tl.sum(o * w[:, None], 0) / tl.maximum(den, 1e-30)
+    ok = tl.load(VALID + b) != 0
+    out = tl.where(ok & (den > 0), out, 0.0)
+    tl.store(O + b * s_ob + (h * G + g) * s_oh + dv, out.to(O.dtype.element_ty))
+
+
+_SUPPORTED_D = (16, 32, 64, 128, 256)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, scale: float, valid=None,
+                           max_len: int | None = None, num_splits: int | None = None,
+                           pages_per_split: int | None = None):
+    """Decode attention over the paged store (Triton). Arguments as :func:`reference.paged_decode_attention_reference`.
+
+    Args:
+        q ``[B, H, D]``; max_len: an upper bound on ``seq_len`` known to the caller (avoids reading
+        ``seq_len`` on the host); num_splits: sequence splits per stream (default: enough programs
+        to fill the device twice over); pages_per_split: fixed split length in pages instead (overrides
+        num_splits; finer splits balance skewed per-head lengths, unmeasured on GPU so far: see
+        docs/benchmarks.md, "Decode").
+    Returns:
+        ``[B, H, DV]`` in q.dtype.
+    """
+    B, H, D = q.shape
+    N, maxb = block_table.shape
+    if N % B:
+        raise ValueError(f"block_table has {N} streams, not a multiple of the batch {B}")
+    Hkv = N // B
+    if H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
+    if D not in _SUPPORTED_D or k_pool.shape[-1] != D:
+        raise ValueError(f"head dim {D} (keys {k_pool.shape[-1]}) not supported; supported: {_SUPPORTED_D}")
+    PS = k_pool.shape[1]
+    if PS < 16 or PS & (PS - 1):
+        raise ValueError(f"page size {PS} must be a power of two >= 16 (tl.dot tiles)")
+    DV = v_pool.shape[-1]
+    G = H // Hkv
+    GP = max(16, triton.next_power_of_2(G))
+    if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
+        raise ValueError("q, k_pool, v_pool need a contiguous last dimension")
+    if valid is None:
+        valid = torch.ones(B, dtype=torch.int8, device=q.device)
+    elif valid.dtype == torch.bool:
+        valid = valid.to(torch.int8)
+    if max_len is None:
+        max_len = int(seq_len.max()) if N else 0
+    max_pages = max(1, min(maxb, triton.cdiv(max(max_len, 1), PS)))
+    if pages_per_split is not None:
+        if pages_per_split < 1:
+            raise ValueError(f"pages_per_split must be >= 1; got {pages_per_split}")
+        pps = int(pages_per_split)
+    else:
+        if num_splits is None:
+            # measured on H200 (32K tokens, B=8): 0.57 of copy bandwidth dense; with skewed CR-8 heads the
+            # longest stream bounds the time (7.1x the live-bytes ideal): see pages_per_split
+            num_splits = max(1, min(max_pages, triton.cdiv(2 * _num_sms(q.device), N)))
+        pps = triton.cdiv(max_pages, num_splits)
+    num_splits = triton.cdiv(max_pages, pps)
+    op = _empty((N, num_splits, GP, DV), torch.float32, q.device)
+    lp = _empty((N, num_splits, GP), torch.float32, q.device)
+    out = _empty((B, H, DV), q.dtype, q.device)
+    ieee = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
+    num_warps = 4 if PS * D >= 64 * 128 else 2
+    _decode_split_kernel[(N, num_splits)](
+        q, k_pool, v_pool, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, pps,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        block_table.stride(0), op.stride(0), op.stride(1), lp.stride(0),
+        HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, IEEE=ieee, num_warps=num_warps, num_stages=3,
+    )
+    _merge_kernel[(N, G)](
+        op, lp, out, valid, num_splits, op.stride(0), op.stride(1), lp.stride(0), out.stride(0), out.stride(1),
+        HKV=Hkv, G=G, GP=GP, DV=DV, SP=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
+    )
+    return out
