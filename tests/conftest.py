@@ -6,6 +6,10 @@ import os
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET once, when it is first imported: set it before any test module (or
+# library code they import) pulls triton in, so CPU runs execute every kernel in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -4,6 +4,8 @@
     accelerate launch train/retrofit.py --cr 8                                  # built-in tiny default, offline
     accelerate launch train/retrofit.py --model Qwen/Qwen3-8B --data allenai/c4 --cr 8 --output runs/qwen3-8b-cr8
     accelerate launch train/retrofit.py --recipe recipes/qwen3_8b_cr8.yaml --resume auto
+    accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 train/retrofit.py \
+        --recipe recipes/qwen3_8b_cr8.yaml --resume auto                          # see docs/scaleout.md
 
 Options come from a YAML recipe (--recipe), overridden by the flags below. The work lives in
 dms.training; this script only turns argv into a RetrofitConfig and prints the outcome.
@@ -37,6 +39,9 @@ FLAGS = {
     "--grad-accum": ("train", "grad_accum", int),
     "--trainable": ("train", "trainable", str),
     "--lora-r": ("train", "lora_r", int),
+    "--lora-alpha": ("train", "lora_alpha", int),
+    "--max-grad-norm": ("train", "max_grad_norm", float),
+    "--eval-batches": ("train", "eval_batches", int),
     "--mixed-precision": ("train", "mixed_precision", str),
     "--kl-direction": ("train", "kl_direction", str),
     "--compression-weight": ("train", "compression_weight", float),
@@ -104,6 +109,9 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad input: say what and how to fix it; nothing written is touched
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary.get("preempted"):  # SIGTERM: every rank saved this step; exit 0 so the scheduler requeues
+        print(f"preempted: saved step {summary['steps']} to {summary['checkpoint']}; relaunch with --resume auto")
+        return 0
     if "export" in summary:
         ev = summary.get("eval") or {}
         print(f"\nDone: {summary['steps']} steps, target CR {summary['target_cr']:g}, window {summary['window']}.")

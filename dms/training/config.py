@@ -17,7 +17,7 @@ from ..config import DMSConfig
 from ..data import DataConfig
 
 TRAINABLE = ("adapter", "full", "lora")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # auto: what accelerate launch was given
 
 
 @dataclass
@@ -49,7 +49,7 @@ class TrainConfig:
     trainable: str = "adapter"
     lora_r: int = 16
     lora_alpha: int = 32
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
     seed: int = 0
     output: str = "runs/dms-retrofit"
     resume: str | None = None  # None, "auto", or a checkpoint folder

@@ -1,8 +1,10 @@
 """The retrofit: logit distillation from the DMS-off teacher + one-sided compression loss.
 
 ``run_retrofit(RetrofitConfig)`` does everything the entry script promises: builds (or loads) the
-model and data, patches the model, trains with accelerate (one GPU, DDP or DeepSpeed), logs to a
-progress bar and TensorBoard, checkpoints atomically, resumes, evaluates and exports.
+model and data, patches the model, trains with accelerate (one GPU, DDP, DeepSpeed ZeRO-2/3, CPU
+processes over gloo), logs losses, tokens/s and MFU to a progress bar and TensorBoard, checkpoints
+atomically, resumes exactly, stops cleanly on SIGTERM, evaluates and exports (LoRA merged, ZeRO-3
+weights gathered). Launch recipes and the resume contract: docs/scaleout.md.
 """
 from __future__ import annotations
 
@@ -130,17 +132,80 @@ def prepare_student(cfg: RetrofitConfig, model):
     for p in params:
         p.requires_grad_(True)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_layer_checkpointing(model)
     if not params:
         raise ValueError(f"nothing to train with trainable={t.trainable!r} and retention={cfg.dms.retention!r}")
     return model, teacher, params, lora
 
 
+def enable_layer_checkpointing(model):
+    """Activation checkpointing per decoder layer that also recomputes the retention heads.
+
+    transformers' own checkpointing re-runs only ``layer.forward`` in the backward pass, not the
+    layer's forward pre-hooks, and the adapter retention head runs in such a hook (dms.patching):
+    the recomputed attention would find no eviction logits. Here the checkpointed function runs
+    the pre-hooks and then the forward (non-reentrant; the RNG state is replayed, so the Gumbel
+    noise of the recomputation equals the first pass).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from ..patching import decoder_layers
+
+    for layer in decoder_layers(model):
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False
+        forward = layer.forward
+
+        def wrapped(*args, _forward=forward, _layer=layer, **kwargs):
+            if not (_layer.training and torch.is_grad_enabled()):
+                return _forward(*args, **kwargs)
+            # a cache would be extended twice (first pass + recomputation); training needs none
+            for key in ("past_key_values", "past_key_value", "layer_past"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = None
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+
+            # the recomputation runs in backward, after packed_documents()/dms_disabled() have exited:
+            # replay the DMS state of the first pass (documents, padding mask, on/off)
+            state = _layer.self_attn._dms_state
+            first = {k: getattr(state, k) for k in ("doc_ids", "attention_mask", "cache")}
+            enabled = state.config.enabled
+
+            def run(*a):
+                now = {k: getattr(state, k) for k in first}
+                now_enabled = state.config.enabled
+                for k, v in first.items():
+                    setattr(state, k, v)
+                state.config.enabled = enabled
+                try:
+                    for hid, hook in _layer._forward_pre_hooks.items():
+                        if hid in _layer._forward_pre_hooks_with_kwargs:
+                            hook(_layer, a, kwargs)
+                        else:
+                            hook(_layer, a)
+                    return _forward(*a, **kwargs)
+                finally:
+                    for k, v in now.items():
+                        setattr(state, k, v)
+                    state.config.enabled = now_enabled
+
+            return checkpoint(run, *args, use_reentrant=False)
+
+        layer.forward = wrapped
+
+
 # --------------------------------------------------------------------------------------------------
-# State save/restore (single process and DDP; DeepSpeed goes through accelerator.save_state)
+# State save/restore
 # --------------------------------------------------------------------------------------------------
+# Every file of a checkpoint is listed with its size and sha256 in the manifest and verified before
+# anything is loaded, so a planted or altered file is refused. Trainable weights are safetensors; the
+# optimizer state (plain tensors and numbers) is loaded with ``torch.load(weights_only=True)``; RNG and
+# trainer state are safetensors + JSON. DeepSpeed writes its own ``*.pt`` files (ZeRO partitions): they
+# go through the same manifest, and we load them with ``torch.load`` forced to ``weights_only=True``.
+DS_TAG = "deepspeed"
+
+
 def _rng_state() -> tuple[dict, dict]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -168,10 +233,61 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _is_deepspeed(acc) -> bool:
+    return acc.distributed_type.name == "DEEPSPEED"
+
+
+class _weights_only_load:
+    """Make ``torch.load`` default to ``weights_only=True`` (DeepSpeed's loader passes False)."""
+
+    def __enter__(self):
+        self._orig = torch.load
+
+        def load(*a, **kw):
+            kw["weights_only"] = True
+            return self._orig(*a, **kw)
+
+        torch.load = load
+
+    def __exit__(self, *a):
+        torch.load = self._orig
+        return False
+
+
+def _ds_safe_globals():
+    """Plain value types DeepSpeed puts in its checkpoint dicts, allowed for ``weights_only`` loading."""
+    allowed = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except Exception:  # pragma: no cover - depends on the DeepSpeed version
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed.append(fragment_address)
+    except Exception:  # pragma: no cover
+        pass
+    import argparse
+    import collections
+
+    return allowed + [argparse.Namespace, collections.OrderedDict, set]
+
+
 def save_training_state(acc, folder: Path, model, optimizer, trainer_state: dict):
+    """Every rank: write this rank's part of the state into ``folder`` (the temporary checkpoint)."""
     rank = acc.process_index
-    if acc.distributed_type.name == "DEEPSPEED":
-        acc.save_state(str(folder), safe_serialization=True)
+    if _is_deepspeed(acc):
+        # all ranks: ZeRO partitions of the trainable parameters and optimizer; frozen weights come from the base
+        model.save_checkpoint(str(folder), tag=DS_TAG, client_state={}, save_latest=False,
+                              exclude_frozen_parameters=True)
     elif acc.is_main_process:
         save_file(_trainable_state(acc.unwrap_model(model).model), str(folder / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
@@ -182,10 +298,24 @@ def save_training_state(acc, folder: Path, model, optimizer, trainer_state: dict
         (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
 
 
+def read_trainer_state(folder: Path) -> dict:
+    """The JSON trainer state of a verified checkpoint (step, sampler position, topology, config)."""
+    p = Path(folder) / "trainer_state.json"
+    if not p.is_file():
+        raise CheckpointError(f"{p} is missing: {folder} is not a retrofit checkpoint")
+    return json.loads(p.read_text())
+
+
 def load_training_state(acc, folder: Path, model, optimizer) -> dict:
     rank = acc.process_index
-    if acc.distributed_type.name == "DEEPSPEED":
-        acc.load_state(str(folder))
+    if _is_deepspeed(acc):
+        import torch.serialization as ser
+
+        with ser.safe_globals(_ds_safe_globals()), _weights_only_load():
+            path, _ = model.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
+                                            load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {folder}/{DS_TAG}")
     else:
         inner = acc.unwrap_model(model).model
         state = load_file(str(folder / "trainable.safetensors"))
@@ -196,9 +326,10 @@ def load_training_state(acc, folder: Path, model, optimizer) -> dict:
             params[n].data.copy_(t.to(params[n].device, params[n].dtype))
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     rng = folder / f"rng_rank{rank}.safetensors"
-    if rng.is_file():
-        _set_rng_state(load_file(str(rng)), json.loads((folder / f"rng_rank{rank}.json").read_text()))
-    return json.loads((folder / "trainer_state.json").read_text())
+    if not rng.is_file():
+        raise CheckpointError(f"{rng} is missing: the checkpoint was written by fewer processes than this run has")
+    _set_rng_state(load_file(str(rng)), json.loads((folder / f"rng_rank{rank}.json").read_text()))
+    return read_trainer_state(folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,20 +417,184 @@ def _lr_at(step: int, cfg) -> float:
     return cfg.train.lr * min(1.0, (step + 1) / max(w, 1))
 
 
+def _deepspeed_plugin(t, log=print):
+    """Under ``accelerate launch`` with a DeepSpeed config file: fill its ``"auto"`` values from the recipe.
+
+    One JSON then serves every batch size; ``train_batch_size`` and ``train_micro_batch_size_per_gpu``
+    are always explicit (DeepSpeed cannot infer them since the data loader is not handed to accelerate).
+    Returns None when not launched with DeepSpeed.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none":
+        return None  # plugin built from the accelerate config's own deepspeed_config fields
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"DeepSpeed config {path!r} cannot be read ({e}); see recipes/deepspeed/*.json") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fill = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.batch_size * t.grad_accum * world, "gradient_clipping": t.max_grad_norm}
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ValueError(f"DeepSpeed config {path} sets {key}={ds[key]} but the recipe implies {value}; "
+                             f"set it to \"auto\" in the JSON (or change the recipe to match)")
+    mp = t.mixed_precision if t.mixed_precision != "auto" else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    for key, on in (("bf16", mp == "bf16"), ("fp16", mp == "fp16")):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled", "auto") == "auto":
+            ds[key]["enabled"] = on
+    # The values accelerate would refuse to take from its own config next to a JSON were folded in above.
+    fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        return DeepSpeedPlugin(hf_ds_config=ds)
+    finally:
+        if fields is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
+
+
+def _register_heads_for_zero3(module: DistillationModule, acc):
+    """ZeRO-3: the LM heads are used by the loss outside their own forward; declare them to the top module."""
+    if _zero_stage(acc) != 3:
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    heads = [module.model.get_output_embeddings()]
+    if module.teacher is not None:
+        heads.append(module.teacher.get_output_embeddings())
+    for h in heads:
+        for p in h.parameters(recurse=False):
+            register_external_parameter(module, p)
+
+
+class _Preemption:
+    """SIGTERM on any rank -> every rank saves the current step and exits 0 (checked once per step)."""
+
+    def __init__(self):
+        import signal
+
+        self.flag = False
+        self._prev = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def any_rank(self, acc) -> bool:
+        if acc.num_processes == 1:
+            return self.flag
+        f = torch.tensor([1.0 if self.flag else 0.0], device=acc.device)
+        return bool(acc.reduce(f, reduction="sum").item() > 0)
+
+    def restore(self):
+        import signal
+
+        signal.signal(signal.SIGTERM, self._prev)
+
+
+def _fault(kind: str, step: int, rank: int, micro: int = -1):
+    """Test hook (``DMS_TEST_FAULT=kind:step[:micro]:rank``): kill -9 / SIGTERM this process at a chosen point.
+
+    kinds: ``kill`` (SIGKILL before micro-batch ``micro`` of step ``step``), ``killsave`` (SIGKILL after
+    this rank wrote its part of checkpoint ``step``, before it is published), ``term`` (SIGTERM after ``step``).
+    """
+    spec = os.environ.get("DMS_TEST_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != kind:
+        return
+    if kind == "kill":
+        s, m, r = int(parts[1]), int(parts[2]), int(parts[3])
+        hit = (s, m, r) == (step, micro, rank)
+    else:
+        s, r = int(parts[1]), int(parts[2])
+        hit = (s, r) == (step, rank)
+    if hit:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL if kind in ("kill", "killsave") else signal.SIGTERM)
+
+
+def model_flops_per_token(model_config, seq_len: int, n_params: int, n_trainable: int) -> float:
+    """Model FLOPs per trained token: teacher forward, student forward and backward.
+
+    2N per matmul pass over the weights (N = parameters without embeddings), plus causal attention
+    (2 * 2 * layers * seq_len/2 * heads * head_dim per pass); the backward costs one pass for the
+    activation gradients, plus one for the weight gradients of trainable matrices.
+    """
+    L = getattr(model_config, "num_hidden_layers", 0)
+    heads = getattr(model_config, "num_attention_heads", 0)
+    hd = getattr(model_config, "head_dim", None) or getattr(model_config, "hidden_size", 0) // max(heads, 1)
+    attn = 2 * 2 * L * (seq_len / 2) * heads * hd
+    dense = 2 * n_params + attn
+    return 3 * dense + 2 * n_trainable  # teacher fwd + student fwd + student bwd (activations) + weight grads
+
+
+def _peak_flops(acc) -> float | None:
+    env = os.environ.get("DMS_PEAK_TFLOPS")
+    if env:
+        return float(env) * 1e12
+    if acc.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(acc.device)
+    for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0), ("A10", 125.0)):
+        if key in name:
+            return tflops * 1e12  # dense bf16 tensor-core peak
+    return None
+
+
 def run_retrofit(cfg: RetrofitConfig, log=print) -> dict:
-    """Run a retrofit end to end; returns the summary dict (also written to ``<output>/summary.json``)."""
+    """Run a retrofit end to end; returns the summary dict (also written to ``<output>/summary.json``).
+
+    Preempted by SIGTERM (on any rank): saves the current step on every rank and returns a summary with
+    ``"preempted": True`` (no export); ``--resume auto`` continues exactly.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     t = cfg.train
-    acc = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision,
-                      log_with="tensorboard", project_dir=str(Path(t.output)))
+    ds_plugin = _deepspeed_plugin(t, log)
+    extra: dict = {}
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CPU processes (CI, debugging): accelerate only sets up gloo when told so; without it every
+        # process would silently train alone as a world of one.
+        if ds_plugin is not None:
+            from accelerate.utils import InitProcessGroupKwargs
+
+            extra["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:
+            extra["cpu"] = True
+    acc = Accelerator(gradient_accumulation_steps=t.grad_accum,
+                      mixed_precision=None if t.mixed_precision == "auto" else t.mixed_precision,
+                      deepspeed_plugin=ds_plugin, log_with="tensorboard", project_dir=str(Path(t.output)), **extra)
+    if acc.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        raise ValueError(f"accelerate set up {acc.num_processes} process(es) but WORLD_SIZE is "
+                         f"{os.environ.get('WORLD_SIZE')}: launch with `accelerate launch` or torchrun and a backend "
+                         "this machine has")
+    preempt = _Preemption()
+    try:
+        return _run(cfg, acc, preempt, log, tqdm, set_seed)
+    finally:
+        preempt.restore()
+
+
+def _run(cfg, acc, preempt, log, tqdm, set_seed) -> dict:
+    from accelerate.utils import gather_object
+
+    t = cfg.train
     out, resume_dir = _prepare_output(cfg, acc)
     set_seed(t.seed)
     model, tok, base_path = build_model_and_tokenizer(cfg, acc.is_main_process)
     model, teacher, params, lora = prepare_student(cfg, model)
     module = DistillationModule(model, teacher, t.kl_chunk, t.kl_direction, lora)
+    _register_heads_for_zero3(module, acc)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    n_trainable = sum(p.numel() for p in params)
 
     data = build_packed_dataset(cfg.data, tok, progress=acc.is_main_process)
     n_eval = min(max(t.eval_batches * t.batch_size, 0), len(data) // 5)
@@ -309,31 +604,33 @@ def run_retrofit(cfg: RetrofitConfig, log=print) -> dict:
                                seed=t.seed)
     loader = build_dataloader(train_ds, t.batch_size, sampler)
     fingerprint = data_fingerprint(cfg.data, tok, len(data))
+    topology = {"world_size": acc.num_processes, "micro_batch": t.batch_size, "grad_accum": t.grad_accum,
+                "distributed_type": acc.distributed_type.name,
+                "zero_stage": _zero_stage(acc), "trainable": t.trainable, "data_fingerprint": fingerprint}
+    if resume_dir is not None:  # refuse a different topology before DeepSpeed or the sampler fail obscurely
+        _check_topology(read_trainer_state(resume_dir).get("topology", {}), topology, resume_dir)
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     module, optimizer = acc.prepare(module, optimizer)
     schedule = CRSchedule(t.cr, t.cr_warmup_steps)
-    topology = {"world_size": acc.num_processes, "micro_batch": t.batch_size, "grad_accum": t.grad_accum,
-                "distributed_type": acc.distributed_type.name,
-                "zero_stage": _zero_stage(acc), "data_fingerprint": fingerprint}
 
     # A DataLoader iterator draws a base seed when it starts; from a private generator, so that it does
     # not consume the global RNG that drives the Gumbel noise (a resumed run must continue it exactly).
     loader.generator = torch.Generator().manual_seed(t.seed)
-    it = iter(loader)
     step = 0
     if resume_dir is not None:
         state = load_training_state(acc, resume_dir, module, optimizer)
-        _check_topology(state.get("topology", {}), topology, resume_dir)
         step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
         log(f"resumed from {resume_dir} at step {step}")
     elif t.resume == "auto":
         log("no checkpoint found: starting a fresh run")
+    it = iter(loader)
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        _truncate_log(out / "losses.jsonl", step)  # rows past the checkpoint came from the killed attempt
     acc.init_trackers("tensorboard", config=_flat_hparams(cfg))
     manager = CheckpointManager(out / "checkpoints", t.keep_last, acc.is_main_process)
 
@@ -347,23 +644,30 @@ def run_retrofit(cfg: RetrofitConfig, log=print) -> dict:
         trainer_state = {"step": step_done, "sampler": sampler.state_dict(), "topology": topology,
                          "config": cfg.to_dict(), "schedule": {"cr": schedule.cr(step_done)}}
         save_training_state(acc, tmp, module, optimizer, trainer_state)
-        acc.wait_for_everyone()
+        _fault("killsave", step_done, acc.process_index)
+        acc.wait_for_everyone()  # every rank's part is on disk before the main process publishes
         if acc.is_main_process:
-            manager.publish(tmp, step_done, {"step": step_done})
+            manager.publish(tmp, step_done, {"step": step_done, "topology": topology})  # prunes after `latest`
         acc.wait_for_everyone()
 
     bar = tqdm(total=t.steps, initial=step, disable=not (acc.is_main_process and t.progress), desc="retrofit",
                dynamic_ncols=True)
     history = []
     module.train()
+    flops_tok = model_flops_per_token(acc.unwrap_model(module).model.config, cfg.data.seq_len, n_params, n_trainable)
+    peak = _peak_flops(acc)
     t0 = time.time()
+    t_window, tok_window = time.time(), 0
     tokens = 0
+    preempted = False
     while step < t.steps:
         target = schedule.target_fraction(step)
         samples = []
+        loss_sum = torch.zeros((), device=acc.device)
         for g in optimizer.param_groups:
             g["lr"] = _lr_at(step, cfg)
         for micro in range(t.grad_accum):
+            _fault("kill", step, acc.process_index, micro)
             try:
                 batch = next(it)
             except StopIteration:  # the sampler is infinite; kept for safety
@@ -376,50 +680,111 @@ def run_retrofit(cfg: RetrofitConfig, log=print) -> dict:
                 kl, comp, frac, records = module(ids, docs, target)
                 loss = kl + t.compression_weight * comp
                 acc.backward(loss)
-                if acc.sync_gradients and t.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, t.max_grad_norm)
+                if acc.sync_gradients and t.max_grad_norm > 0 and not _is_deepspeed(acc):
+                    acc.clip_grad_norm_(params, t.max_grad_norm)  # DeepSpeed clips itself (gradient_clipping)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            tokens += int((docs >= 0).sum()) * acc.num_processes
+            loss_sum = loss_sum + loss.detach().float() / t.grad_accum
+            n_tok = int((docs >= 0).sum())
+            tokens += n_tok * acc.num_processes
+            tok_window += n_tok * acc.num_processes
         step += 1
         stats = decision_stats(records)
-        row = {"step": step, "loss": float(loss.detach()), "kl": float(kl.detach()), "compression_loss": float(comp.detach()),
-               "target_cr": schedule.cr(step - 1), "decision_cr": stats["decision_cr"], "lr": _lr_at(step - 1, cfg),
-               "samples": samples}
+        step_loss = acc.reduce(loss_sum, reduction="mean") if acc.num_processes > 1 else loss_sum
+        per_rank = gather_object(samples) if acc.num_processes > 1 else samples
+        per_rank = [per_rank[r * len(samples):(r + 1) * len(samples)] for r in range(acc.num_processes)]
+        row = {"step": step, "loss": float(step_loss), "rank0_loss": float(loss_sum), "kl": float(kl.detach()),
+               "compression_loss": float(comp.detach()), "target_cr": schedule.cr(step - 1),
+               "decision_cr": stats["decision_cr"], "lr": _lr_at(step - 1, cfg),
+               "elapsed_s": time.time() - t0, "tokens": tokens, "samples": per_rank}
         history.append(row)
         if acc.is_main_process:
             with open(out / "losses.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", target_cr=f"{row['target_cr']:.2f}",
-                        cr=f"{row['decision_cr']:.2f}")
+        now = time.time()
+        tps = tok_window / max(now - t_window, 1e-9)
+        mfu = tps * flops_tok / (peak * acc.num_processes) if peak else None
+        post = {"loss": f"{row['loss']:.4f}", "kl": f"{row['kl']:.4f}", "target_cr": f"{row['target_cr']:.2f}",
+                "cr": f"{row['decision_cr']:.2f}", "tok/s": f"{tps:.0f}"}
+        if mfu is not None:
+            post["mfu"] = f"{100 * mfu:.1f}%"
+        bar.set_postfix(**post)
         if step % t.log_every == 0 or step == t.steps:
-            scalars = {f"train/{k}": v for k, v in row.items() if k not in ("step", "samples")}
-            scalars["train/tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+            scalars = {f"train/{k}": v for k, v in row.items() if k not in ("step", "samples", "elapsed_s", "tokens")}
+            scalars["perf/tokens_per_s"] = tps
+            scalars["perf/tokens_per_s_per_device"] = tps / acc.num_processes
+            if mfu is not None:
+                scalars["perf/mfu"] = mfu
             for i, c in enumerate(stats["decision_cr_per_layer"]):
                 scalars[f"cr_per_layer/layer_{i:02d}"] = c
             acc.log(scalars, step=step)
-        if step % t.save_every == 0 or step == t.steps:
+            t_window, tok_window = now, 0
+        _fault("term", step, acc.process_index)
+        stop = preempt.any_rank(acc)
+        if stop or step % t.save_every == 0 or step == t.steps:
             checkpoint(step)
+        if stop:
+            log(f"SIGTERM received: saved step {step}; continue with --resume auto")
+            preempted = True
+            break
     bar.close()
+    train_seconds = time.time() - t0
+    if preempted:
+        summary = {"preempted": True, "steps": step, "checkpoint": str(manager.root / f"step-{step:06d}")}
+        acc.wait_for_everyone()
+        acc.end_training()  # last: it may tear down the process group
+        return summary
 
     eval_batches = [_collate([eval_ds[i] for i in range(s, min(s + t.batch_size, len(eval_ds)))])
                     for s in range(0, len(eval_ds), t.batch_size)]
     unwrapped = acc.unwrap_model(module)
-    metrics = evaluate_batches(unwrapped, eval_batches, cfg.dms.window) if eval_batches else {}
+    with _gathered_heads(unwrapped, acc):
+        metrics = evaluate_batches(unwrapped, eval_batches, cfg.dms.window) if eval_batches else {}
     if metrics:
         acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-    acc.end_training()
     summary = {"base_model": base_path, "steps": step, "target_cr": t.cr, "window": cfg.dms.window,
-               "final_train": history[-1] if history else None, "eval": metrics,
-               "train_seconds": time.time() - t0, "data": cfg.data.source or "built-in default corpus",
-               "trainable": t.trainable}
+               "final_train": {k: v for k, v in history[-1].items() if k != "samples"} if history else None,
+               "eval": metrics, "train_seconds": train_seconds, "tokens_per_s": tokens / max(train_seconds, 1e-9),
+               "data": cfg.data.source or "built-in default corpus", "trainable": t.trainable,
+               "world_size": acc.num_processes, "zero_stage": _zero_stage(acc)}
+    full_state = None
+    if _zero_stage(acc) == 3:  # collective: every rank takes part in gathering the partitioned weights
+        full_state = acc.get_state_dict(module)
     if acc.is_main_process:
-        export_dir = export(unwrapped, tok, out / "export", cfg, summary, lora)
+        export_dir = export(unwrapped, tok, out / "export", cfg, summary, lora, full_state)
         summary["export"] = str(export_dir)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()
+    acc.end_training()  # last: it may tear down the process group
     return summary
+
+
+def _gathered_heads(module, acc):
+    if _zero_stage(acc) != 3:
+        return _nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    heads = [module.model.get_output_embeddings()] + (
+        [module.teacher.get_output_embeddings()] if module.teacher is not None else [])
+    return GatheredParameters([p for h in heads for p in h.parameters(recurse=False)], modifier_rank=None)
+
+
+def _truncate_log(path: Path, step: int):
+    """Keep only rows of steps <= ``step`` (a resumed run rewrites the rest); atomic replace."""
+    if not path.is_file():
+        return
+    rows = [l for l in path.read_text().splitlines() if l.strip()]
+    keep = []
+    for l in rows:
+        try:
+            if json.loads(l)["step"] <= step:
+                keep.append(l)
+        except (json.JSONDecodeError, KeyError):  # a line cut by kill -9 mid-write
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
 
 
 def _collate(items):
@@ -434,10 +799,21 @@ def _zero_stage(acc) -> int:
 def _check_topology(saved: dict, now: dict, folder: Path):
     diffs = {k: (saved.get(k), now[k]) for k in now if k in saved and saved.get(k) != now[k]}
     if diffs:
-        detail = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diffs.items())
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+        hint = []
+        if "world_size" in diffs or "zero_stage" in diffs or "distributed_type" in diffs:
+            hint.append(f"relaunch with --num_processes {saved.get('world_size')} and the same accelerate/DeepSpeed "
+                        f"config (ZeRO stage {saved.get('zero_stage')})")
+        if "micro_batch" in diffs or "grad_accum" in diffs:
+            hint.append(f"use --batch-size {saved.get('micro_batch')} --grad-accum {saved.get('grad_accum')}")
+        if "data_fingerprint" in diffs:
+            hint.append("use the same data source, split, seq_len, max_documents and tokenizer")
+        if "trainable" in diffs:
+            hint.append(f"use --trainable {saved.get('trainable')}")
         raise CheckpointError(
-            f"cannot resume {folder} exactly: {detail}. Resume with the same number of processes, micro-batch, "
-            "gradient accumulation, ZeRO stage and data, or start a new run from the exported model")
+            f"cannot resume {folder} exactly: {detail}. To continue this run: {'; '.join(hint)}. "
+            "To change the topology instead, export the model from the last checkpoint (finish or SIGTERM the run "
+            "under the old topology) and start a new run from the export with another --output")
 
 
 def _flat_hparams(cfg: RetrofitConfig) -> dict:
@@ -449,7 +825,8 @@ def _flat_hparams(cfg: RetrofitConfig) -> dict:
     return flat
 
 
-def export(module: DistillationModule, tokenizer, folder: Path, cfg: RetrofitConfig, summary: dict, lora: bool) -> Path:
+def export(module: DistillationModule, tokenizer, folder: Path, cfg: RetrofitConfig, summary: dict, lora: bool,
+           full_state: dict | None = None) -> Path:
     """``save_pretrained`` (safetensors) with DMS settings in config.json, the tokenizer and a run summary.
 
     Written to a temporary folder and renamed, so a crash never leaves a half export in place.
@@ -463,7 +840,11 @@ def export(module: DistillationModule, tokenizer, folder: Path, cfg: RetrofitCon
     state = dms_state(model)
     state.config.write_to_hf_config(model.config)
     model.config._attn_implementation_autoset = False
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    if full_state is not None:  # ZeRO-3: weights gathered from all ranks, keys of the DistillationModule
+        sd = {k[len("model."):]: v for k, v in full_state.items() if k.startswith("model.")}
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=sd)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "dms_run_summary.json").write_text(json.dumps({**summary, "config": cfg.to_dict()}, indent=1))
     if folder.exists():
