@@ -11,29 +11,8 @@ from dms.training import CheckpointError, CheckpointManager, RetrofitConfig, run
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("so-base")
-    words = [f"w{i}" for i in range(60)]
-    g = torch.Generator().manual_seed(0)
-    docs = [" ".join(words[j] for j in torch.randint(0, 60, (int(torch.randint(20, 90, (1,), generator=g)),),
-                                                        generator=g).tolist()) for _ in range(30)]
-    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>")
-    tok.save_pretrained(root / "model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    with open(root / "data.jsonl", "w") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    return root
+def base(tmp_path_factory, tiny_base_factory):
+    return tiny_base_factory(tmp_path_factory.mktemp("so-base"), n_docs=30)
 
 
 def _cfg(base, out, **train):
