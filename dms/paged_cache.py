@@ -72,6 +72,7 @@ class PagedDMSCacheLayer(CacheLayerMixin):
         self.held_history: list = []  # device scalars: tokens held after each call
         self._peak = None
         self.grow_events = 0
+        self._static_max_len = None  # set between begin_static / end_static (CUDA-graph decoding)
 
     # --- transformers Cache protocol -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states, window: int = 0):
@@ -206,6 +207,8 @@ class PagedDMSCacheLayer(CacheLayerMixin):
     def _index_batch(self, idx):
         if not self.is_initialized:
             return
+        if self._static_max_len is not None:
+            raise RuntimeError("batch reorder/select during static (graph) decoding; call end_static first")
         idx = torch.as_tensor(idx, device=self.device).long()
         keys, values, pos, ev = self._dense()
         seen = self.seen_s.view(self.B, self.Hkv)
@@ -261,6 +264,51 @@ class PagedDMSCacheLayer(CacheLayerMixin):
             self.block_table = torch.cat(
                 [self.block_table, torch.zeros(N, extra, dtype=torch.int32, device=self.device)], 1)
 
+    # --- static decoding (CUDA graphs: dms/graphs.py) -------------------------------------------------
+    def begin_static(self, steps: int):
+        """Reserve everything the next ``steps`` decode appends can need, then freeze the layout.
+
+        Until :meth:`end_static`, decode steps allocate nothing and never read device values on the host
+        (no pool growth, no block-table growth, a fixed kernel grid sized for ``steps`` more tokens), so
+        the same step can be captured once as a CUDA graph and replayed. Host counters advance through
+        :meth:`advance_static`.
+        """
+        if not self.is_initialized:
+            raise ValueError("begin_static needs a cache that has seen a prompt (run the prefill first)")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1; got {steps}")
+        PS, N = self.page_size, self.N
+        need_pages = N * (steps // PS + 2)
+        free = int(self.free_top[0])
+        if free < need_pages:
+            free = self._grow(max(need_pages - free, self.capacity // 4))
+        self._free_known = free
+        need_cols = -(-(self._len_bound + steps) // PS) + 1
+        if need_cols > self.block_table.shape[1]:
+            self.block_table = torch.cat([self.block_table, torch.zeros(
+                N, need_cols - self.block_table.shape[1], dtype=torch.int32, device=self.device)], 1)
+        self._static_max_len = self._len_bound + steps
+        self._static_left = steps
+
+    def advance_static(self, steps: int = 1):
+        """Host bookkeeping of ``steps`` decode steps that ran as a graph replay (no Python ran for them)."""
+        if self._static_max_len is None:
+            raise RuntimeError("advance_static outside begin_static/end_static")
+        if steps > self._static_left:
+            raise RuntimeError(f"{steps} static steps requested, {self._static_left} reserved; call begin_static again")
+        self._static_left -= steps
+        self.columns += steps
+        self._len_bound += steps
+
+    def end_static(self):
+        """Back to ordinary decoding (the next step re-reads the free-page count)."""
+        if self._static_max_len is None:
+            return
+        self._static_max_len = None
+        self._free_known = -1
+        self._steps = 0
+        self._record(self.now.sum())  # one history entry for the static stretch (per-step entries are not kept)
+
     # --- DMS -----------------------------------------------------------------------------------------
     def attend(self, query, key, value, logits, valid, window: int, scaling: float) -> torch.Tensor:
         """Append a chunk, apply decisions, attend with the hard mask, prune (as the reference cache).
@@ -281,6 +329,8 @@ class PagedDMSCacheLayer(CacheLayerMixin):
                              "batch_repeat_interleave first or use a new cache")
         if Tn == 1:
             return self._decode(query, key, value, logits, valid, scaling)
+        if self._static_max_len is not None:
+            raise RuntimeError("a multi-token chunk reached a cache in static (graph) decoding; call end_static first")
         outs, peak = [], None
         for s in range(0, Tn, self.prefill_chunk):
             e = s + self.prefill_chunk
@@ -299,7 +349,16 @@ class PagedDMSCacheLayer(CacheLayerMixin):
     def _decode(self, query, key, value, logits, valid, scaling):
         B, H, _, D = query.shape
         self.columns += 1
-        self._reserve_decode()
+        static = self._static_max_len is not None
+        if static:
+            if self._static_left < 1:
+                raise RuntimeError("static decode steps exhausted: call begin_static again")
+            max_len = self._static_max_len
+            self._len_bound += 1
+            self._static_left -= 1
+        else:
+            self._reserve_decode()
+            max_len = self._len_bound
         v1 = torch.ones(B, dtype=torch.bool, device=self.device) if valid is None else valid[:, 0]
         args = (key[:, :, 0], value[:, :, 0], logits[:, 0].float(), v1, self.seen_s, self.k_pool, self.v_pool,
                 self.pos_pool, self.block_table, self.seq_len, self.held, self.now, self.ring_slot, self.ring_ev,
@@ -310,12 +369,13 @@ class PagedDMSCacheLayer(CacheLayerMixin):
 
             paged_append(*args)
             out = paged_decode_attention(q, self.k_pool, self.v_pool, self.pos_pool, self.block_table,
-                                         self.seq_len, scaling, valid=v1, max_len=self._len_bound)
+                                         self.seq_len, scaling, valid=v1, max_len=max_len)
         else:
             paged_append_reference(*args)
             out = paged_decode_attention_reference(q, self.k_pool, self.v_pool, self.pos_pool, self.block_table,
                                                    self.seq_len, scaling, valid=v1)
-        self._record(self.now.sum())
+        if not static:
+            self._record(self.now.sum())
         return out[:, :, None]
 
     def _chunk(self, query, key, value, logits, valid, scaling):

@@ -31,7 +31,9 @@ import torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4,
+                   help="decoder layers of the e2e model (32 = the whole Llama-3-8B shape; fewer are extrapolated)")
+    p.add_argument("--prefill-layers", type=int, default=4, help="layers used by the prefill rows")
     p.add_argument("--contexts", default="8192,32768")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--window", type=int, default=256)
@@ -40,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--pages-per-split", type=int, default=None,
                    help="decode kernel split length in pages (default: the kernel's heuristic)")
+    p.add_argument("--sweep", action="store_true",
+                   help="before the kernel section, time the decode kernel over pages-per-split x warps x stages "
+                        "(dense and ragged CR 8, batch 8, every context) and report the best settings")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                   help="decode steps of the paged engine through dms.graphs (CUDA graphs; on by default on CUDA)")
     p.add_argument("--out", default="docs/results/decode.json")
     p.add_argument("--sections", default="kernel,e2e,prefill", help="comma list of kernel, e2e, prefill")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter check of the script)")
@@ -144,6 +151,48 @@ def bench_kernel(args, dev, timer, copy_bw, rows):
     return out
 
 
+def sweep_kernel(args, dev, timer, copy_bw, rows):
+    """Time the split-K decode kernel over its launch settings (dense and ragged CR 8)."""
+    from dms_kernels.decode_attention import paged_decode_attention
+
+    H, Hkv, D = (32, 8, 128) if not args.smoke else (8, 2, 64)
+    PS = args.page_size
+    gen = torch.Generator().manual_seed(7)
+    grid = [(p, w, st) for p in (2, 4, 8, 16, 32) for w in (4, 8) for st in (2, 3, 4)]
+    if args.smoke:
+        grid = grid[:2]
+    B = 8 if not args.smoke else 2
+    best = {}
+    for ctx in args.ctxs:
+        for name, cr in (("dense", 1.0), ("cr8", args.cr)):
+            lens = ragged_lengths(B, Hkv, ctx, cr, args.window, gen)
+            k, v, pos, bt, sl = build_store(lens, PS, D, torch.bfloat16, dev, gen)
+            q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+            live = int(lens.sum()) * D * 2 * 2
+            max_len = int(lens.max())
+            for pps, w, st in [(None, None, None)] + grid:
+                fn = lambda: paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, max_len=max_len,  # noqa: E731
+                                                     pages_per_split=pps, num_warps=w, num_stages=st)
+                try:
+                    ms = timer.median_ms(fn, warmup=2, reps=15 if not args.smoke else 1)
+                except Exception as e:  # a launch setting the compiler rejects (e.g. shared memory)
+                    print(f"sweep {name} ctx={ctx} pps={pps} warps={w} stages={st}: {type(e).__name__}", flush=True)
+                    continue
+                row = dict(section="sweep", context=ctx, batch=B, kind=name, pages_per_split=pps, num_warps=w,
+                           num_stages=st, ms=ms, bw_fraction=live / (ms * 1e-3) / copy_bw)
+                rows.append(row)
+                key = (ctx, name)
+                if pps is not None and (key not in best or ms < best[key]["ms"]):
+                    best[key] = row
+                print(f"sweep {name:5s} ctx={ctx:6d} B={B} pps={pps} warps={w} stages={st}: {ms:.3f} ms "
+                      f"({row['bw_fraction']:.2f} bw)", flush=True)
+            del k, v, pos
+    for (ctx, name), r in best.items():
+        print(f"best {name} ctx={ctx}: pps={r['pages_per_split']} warps={r['num_warps']} stages={r['num_stages']} "
+              f"{r['ms']:.3f} ms ({r['bw_fraction']:.2f} bw)", flush=True)
+    return best
+
+
 def make_model(args, dev):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -188,6 +237,19 @@ def fill_paged(cache, lens, ctx, B, Hkv, D, dev, gen):
         layer._free_known = extra
         layer._steps = 0
         layer.columns = ctx
+
+
+def time_paged_step(args, model, cache, ids, ctx, timer):
+    """Median ms of one decode step through the paged cache: CUDA-graph replays (dms.graphs) or eager calls."""
+    warmup = 3
+    if args.cuda_graphs == "on" and ids.device.type == "cuda":
+        from dms.graphs import GraphedDecodeStep
+
+        pos = torch.full_like(ids, ctx)
+        # first call: eager warm step; second: capture + replay; both inside the warmup
+        with GraphedDecodeStep(model, cache, horizon=warmup + args.steps + 2) as step:
+            return timer.median_ms(lambda: step(ids, pos), warmup=warmup, reps=args.steps)
+    return timer.median_ms(lambda: model(ids, past_key_values=cache, use_cache=True), warmup=warmup, reps=args.steps)
 
 
 def layer_window(cache):
@@ -236,7 +298,8 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
     h = torch.randn(max(args.bs), 1, cfg.hidden_size, dtype=torch.bfloat16, device=dev)
     fixed = {B: timer.median_ms(lambda: model.lm_head(model.model.norm(h[:B]))) for B in args.bs}
     dms.retrofit(model, dms.DMSConfig(window=args.window))
-    weights = bytes_of(model)
+    # bytes a step reads: every weight except the embedding table (one row per sequence is read)
+    weights = bytes_of(model, lambda n: "embed_tokens" not in n)
     for ctx in args.ctxs:
         for B in args.bs:
             for name, cr in (("dense", 1.0), ("cr8", args.cr)):
@@ -246,7 +309,7 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                 try:
                     fill_paged(cache, lens, ctx, B, Hkv, D, dev, gen)
                     ids = torch.randint(0, cfg.vocab_size, (B, 1), device=dev)
-                    ms = timer.median_ms(lambda: model(ids, past_key_values=cache, use_cache=True), reps=args.steps)
+                    ms = time_paged_step(args, model, cache, ids, ctx, timer)
                     st = cache.stats()
                     res[(name, ctx, B)] = ms
                     res[(name + "_live", ctx, B)] = st["bytes_live"]
@@ -283,7 +346,7 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
     cache._bench_window = args.window
     fill_paged(cache, lens, ctx, B_run, Hkv, D, dev, gen)
     ids = torch.randint(0, cfg.vocab_size, (B_run, 1), device=dev)
-    ms = timer.median_ms(lambda: model(ids, past_key_values=cache, use_cache=True), reps=args.steps)
+    ms = time_paged_step(args, model, cache, ids, ctx, timer)
     del cache
     thr = dict(section="fixed_memory", context=ctx, dense_batch=B0, dense_ms=r8["dense_same_engine_ms"],
                cr8_batch_fit=B_max, cr8_batch_run=B_run, cr8_ms=ms,
@@ -321,7 +384,16 @@ def calibrate_retention(model, evict_fraction, dev, T=2048):
 
 
 def bench_prefill(args, model, dev, timer, rows):
-    import dms
+    full = model.model.layers
+    if args.prefill_layers and args.prefill_layers < len(full):
+        model.model.layers = full[: args.prefill_layers]  # prefill rows: the first few layers only
+    try:
+        return _bench_prefill(args, model, dev, timer, rows)
+    finally:
+        model.model.layers = full
+
+
+def _bench_prefill(args, model, dev, timer, rows):
     from dms.paged_cache import PagedDMSCache
 
     out = {}
@@ -350,7 +422,7 @@ def bench_prefill(args, model, dev, timer, rows):
             res[name] = dict(ms=ms, memory_cr=st["memory_cr"], alloc_fraction=st["bytes_allocated"] / st["bytes_dense"],
                              live_fraction=st["bytes_live"] / st["bytes_dense"])
             del holder
-        row = dict(section="prefill", context=ctx, batch=1, cr8_ms=res["cr8"]["ms"], dense_ms=res["dense"]["ms"],
+        row = dict(section="prefill", layers=len(model.model.layers), context=ctx, batch=1, cr8_ms=res["cr8"]["ms"], dense_ms=res["dense"]["ms"],
                    ratio_vs_dense=res["cr8"]["ms"] / res["dense"]["ms"], memory_cr=res["cr8"]["memory_cr"],
                    kv_alloc_fraction=res["cr8"]["alloc_fraction"], kv_live_fraction=res["cr8"]["live_fraction"])
         rows.append(row)
@@ -372,6 +444,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)  # inference only: no autograd graphs in any timed region
     if args.smoke:
         args.contexts, args.batches, args.layers, args.window, args.page_size, args.steps = "512", "1,2", 1, 16, 16, 2
+        args.prefill_layers = 1
     args.ctxs = [int(x) for x in args.contexts.split(",")]
     args.bs = [int(x) for x in args.batches.split(",")]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -380,34 +453,53 @@ def main(argv=None) -> int:
     copy_bw = copy_bandwidth(dev, timer, 4 << 30 if dev.type == "cuda" else 64 << 20)
     print(f"device copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
     partial = lambda: _dump(args, dict(rows=rows, partial=True, copy_bandwidth_GBps=copy_bw / 1e9))  # noqa: E731
-    kern = bench_kernel(args, dev, timer, copy_bw, rows)
+    if args.sweep:
+        sweep_kernel(args, dev, timer, copy_bw, rows)
+        partial()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"kernel", "e2e", "prefill"}
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from kernel, e2e, prefill")
+    kern = bench_kernel(args, dev, timer, copy_bw, rows) if "kernel" in sections else {}
     partial()
-    if "e2e" not in args.sections.split(","):
-        return 0
-    model = bench_e2e(args, dev, timer, copy_bw, rows, kern)
-    partial()
-    pre = bench_prefill(args, model, dev, timer, rows)
+    model = None
+    if "e2e" in sections:
+        model = bench_e2e(args, dev, timer, copy_bw, rows, kern)
+        partial()
+    pre = {}
+    if "prefill" in sections:
+        if model is None:
+            import dms
+
+            model = make_model(args, dev)
+            dms.retrofit(model, dms.DMSConfig(window=args.window))
+        pre = bench_prefill(args, model, dev, timer, rows)
 
     big = max(args.ctxs)
     B8 = 8 if 8 in args.bs else args.bs[-1]
-    k32 = kern[(big, B8)]
-    e2e = [r for r in rows if r["section"] == "e2e_step" and r["context"] == big and r["batch"] == B8][0]
-    fm = [r for r in rows if r["section"] == "fixed_memory"][0]
+    k32 = kern.get((big, B8), {})
+    e2e = ([r for r in rows if r["section"] == "e2e_step" and r["context"] == big and r["batch"] == B8] or [{}])[0]
+    fm = ([r for r in rows if r["section"] == "fixed_memory"] or [{}])[0]
     kb = [r for r in rows if r["section"] == "kernel"]
+    pb = pre.get(big, {})
     summary = dict(
-        decode_bw_fraction=max(r["dense_bw_fraction"] for r in kb),
-        decode_bw_fraction_cr8_32k_b8=k32["cr8_bw_fraction"],
-        ragged_cr8_time_vs_ideal=k32["cr8_time_vs_ideal"],
-        attn_speedup_cr8_32k=k32["speedup"],
-        kv_memory_fraction_cr8=pre[big]["kv_alloc_fraction"],
-        kv_live_fraction_cr8=pre[big]["kv_live_fraction"],
-        prefill_memory_cr=pre[big]["memory_cr"],
-        decode_step_speedup_32k_b8=e2e["speedup_vs_dense"],
-        decode_step_speedup_32k_b8_scaled_32_layers=(e2e["dense_ms_32l"] / e2e["cr8_ms_32l"]) if e2e["cr8_ms"] and e2e["dense_same_engine_ms"] else None,
-        decode_step_vs_floor_32k_b8=e2e["vs_floor"],
-        speedup_vs_transformers_32k_b8=e2e["speedup_vs_transformers"],
-        fixed_memory_throughput_gain=fm["gain"],
-        prefill_ratio_vs_dense=pre[big]["ratio_vs_dense"],
+        decode_bw_fraction=max((r["dense_bw_fraction"] for r in kb if r["batch"] >= 8 and r["context"] >= 8192),
+                               default=None),
+        decode_bw_fraction_min_b8plus=min((r["dense_bw_fraction"] for r in kb if r["batch"] >= 8 and r["context"] >= 8192),
+                                          default=None),
+        decode_bw_fraction_cr8_32k_b8=k32.get("cr8_bw_fraction"),
+        ragged_cr8_time_vs_ideal=k32.get("cr8_time_vs_ideal"),
+        attn_speedup_cr8_32k=k32.get("speedup"),
+        kv_memory_fraction_cr8=pb.get("kv_alloc_fraction"),
+        kv_live_fraction_cr8=pb.get("kv_live_fraction"),
+        prefill_memory_cr=pb.get("memory_cr"),
+        decode_step_speedup_32k_b8=e2e.get("speedup_vs_dense"),
+        decode_step_vs_floor_32k_b8=e2e.get("vs_floor"),
+        speedup_vs_transformers_32k_b8=e2e.get("speedup_vs_transformers"),
+        fixed_memory_throughput_gain=fm.get("gain"),
+        prefill_ratio_vs_dense=pb.get("ratio_vs_dense"),
+        e2e_layers=e2e.get("layers"),
+        cuda_graphs=args.cuda_graphs == "on" and dev.type == "cuda",
         copy_bandwidth_GBps=copy_bw / 1e9,
     )
     import transformers

@@ -184,6 +184,12 @@ def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
 
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
+# Split sizing and launch defaults of the decode kernel (tuned with scripts/bench_decode.py --sweep;
+# see docs/benchmarks.md, "Decode").
+MAX_PAGES_PER_SPLIT = 8
+SPLIT_PROGRAMS_PER_SM = 4
+DEFAULT_WARPS = 4
+DEFAULT_STAGES = 3
 
 
 def _num_sms(device) -> int:
@@ -194,15 +200,19 @@ def _num_sms(device) -> int:
 
 def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, scale: float, valid=None,
                            max_len: int | None = None, num_splits: int | None = None,
-                           pages_per_split: int | None = None):
+                           pages_per_split: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None):
     """Decode attention over the paged store (Triton). Arguments as :func:`reference.paged_decode_attention_reference`.
 
     Args:
         q ``[B, H, D]``; max_len: an upper bound on ``seq_len`` known to the caller (avoids reading
         ``seq_len`` on the host); num_splits: sequence splits per stream (default: enough programs
         to fill the device twice over); pages_per_split: fixed split length in pages instead (overrides
-        num_splits; finer splits balance skewed per-head lengths, unmeasured on GPU so far: see
-        docs/benchmarks.md, "Decode").
+        num_splits). The default uses short fixed splits (at most ``MAX_PAGES_PER_SPLIT`` pages, fewer
+        when that would leave the device under-filled), so that streams of very different lengths
+        (DMS heads keep different numbers of tokens) spread over many programs instead of the longest
+        stream's few programs running alone at the end; empty splits of short streams exit at once.
+        num_warps / num_stages: Triton launch options (defaults: ``DEFAULT_WARPS`` / ``DEFAULT_STAGES``).
     Returns:
         ``[B, H, DV]`` in q.dtype.
     """
@@ -236,21 +246,26 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         pps = int(pages_per_split)
     else:
         if num_splits is None:
-            # measured on H200 (32K tokens, B=8): 0.57 of copy bandwidth dense; with skewed CR-8 heads the
-            # longest stream bounds the time (7.1x the live-bytes ideal): see pages_per_split
-            num_splits = max(1, min(max_pages, triton.cdiv(2 * _num_sms(q.device), N)))
-        pps = triton.cdiv(max_pages, num_splits)
+            # enough programs to fill the device several times over, but never splits longer than
+            # MAX_PAGES_PER_SPLIT (the longest stream must not serialise on a few programs)
+            want = max(1, triton.cdiv(SPLIT_PROGRAMS_PER_SM * _num_sms(q.device), N))
+            pps = max(1, min(MAX_PAGES_PER_SPLIT, triton.cdiv(max_pages, want)))
+        else:
+            pps = triton.cdiv(max_pages, max(1, int(num_splits)))
     num_splits = triton.cdiv(max_pages, pps)
     op = _empty((N, num_splits, GP, DV), torch.float32, q.device)
     lp = _empty((N, num_splits, GP), torch.float32, q.device)
     out = _empty((B, H, DV), q.dtype, q.device)
     ieee = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
-    num_warps = 4 if PS * D >= 64 * 128 else 2
+    if num_warps is None:
+        num_warps = DEFAULT_WARPS if PS * D >= 64 * 128 else 2
+    if num_stages is None:
+        num_stages = DEFAULT_STAGES
     _decode_split_kernel[(N, num_splits)](
         q, k_pool, v_pool, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, pps,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         block_table.stride(0), op.stride(0), op.stride(1), lp.stride(0),
-        HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, IEEE=ieee, num_warps=num_warps, num_stages=3,
+        HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
     )
     _merge_kernel[(N, G)](
         op, lp, out, valid, num_splits, op.stride(0), op.stride(1), lp.stride(0), out.stride(0), out.stride(1),

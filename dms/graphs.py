@@ -1,0 +1,246 @@
+"""Decode steps without per-step host overhead: the model's one-token step captured as a CUDA graph.
+
+A decode step of a 32-layer model launches several hundred small kernels; launched one by one from
+Python they cost more than the step's memory traffic at small batch (transformers' default path spends
+most of its step time there). :class:`GraphedDecodeStep` captures the whole step (embedding, every
+layer's retention head, the paged cache's Triton append + decode kernels, the LM head) once and replays
+it per token. The paged cache supports this through its *static* mode
+(:meth:`dms.paged_cache.PagedDMSCacheLayer.begin_static`): pages and block-table columns for the next
+``horizon`` tokens are reserved up front, the kernel grid is fixed, and nothing reads device values on
+the host. After ``horizon`` tokens the step is captured again (a few milliseconds).
+
+:func:`fast_generate` is a lean generation loop on top (greedy or sampling, eos handling, batches of
+prompts of different lengths): prefill through the paged cache, then graph replays.
+
+    import dms
+    from dms.graphs import fast_generate
+    model, tok = dms.load("runs/x/export", device="cuda", dtype="bfloat16")
+    enc = tok(["a prompt", "another, longer prompt"], return_tensors="pt", padding=True).to("cuda")
+    out = fast_generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=256)
+    print(tok.batch_decode(out.sequences[:, enc.input_ids.shape[1]:]))
+
+On CPU (or ``cuda_graph=False``) the same static-mode code runs eagerly, which is how CI tests it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .paged_cache import PagedDMSCache
+
+
+class GraphedDecodeStep:
+    """``step(input_ids [B, 1], position_ids [B, 1]) -> logits [B, V]`` for a DMS model and its paged cache.
+
+    Args:
+        model: a retrofitted causal LM (DMS on), on the device of ``cache``.
+        cache: a :class:`PagedDMSCache` that already holds the prompt (prefill done).
+        horizon: decode steps per capture (pages for that many tokens are reserved up front).
+        cuda_graph: capture and replay (default: when the model is on CUDA). With False the static-mode
+            step runs eagerly (same cache code path; used on CPU and as the reference in tests).
+
+    The returned logits of a replay live in a buffer that the next step overwrites; clone to keep them.
+    Call :meth:`close` (or use it as a context manager) before other cache operations (another prompt
+    chunk, beam reorder): it leaves static mode.
+    """
+
+    def __init__(self, model, cache: PagedDMSCache, horizon: int = 128, cuda_graph: bool | None = None):
+        if not isinstance(cache, PagedDMSCache):
+            raise ValueError(f"GraphedDecodeStep needs a dms.paged_cache.PagedDMSCache; got {type(cache).__name__}")
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1; got {horizon}")
+        layers = [l for l in cache.layers if l.is_initialized]
+        if len(layers) != len(cache.layers):
+            raise ValueError("the cache has not seen a prompt yet: run the prefill through it first")
+        p = next(model.parameters())
+        self.device = p.device
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on CUDA; it is on {self.device}")
+        if cuda_graph and cache.backend != "triton":
+            raise ValueError("cuda_graph=True needs the paged cache's triton backend (PagedDMSCache(backend='triton'))")
+        self.model, self.cache, self.horizon, self.cuda_graph = model, cache, int(horizon), bool(cuda_graph)
+        self.graph = None
+        self.left = 0
+        self.warm = False
+        self.captures = 0
+        B = layers[0].B
+        self._ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        self._logits = None
+
+    # --- one step --------------------------------------------------------------------------------------
+    def _forward(self, input_ids, position_ids):
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _begin(self):
+        for l in self.cache.layers:
+            l.begin_static(self.horizon)
+        self.left = self.horizon
+
+    def _end(self):
+        self.graph = None
+        self.left = 0
+        for l in self.cache.layers:
+            l.end_static()
+
+    def _capture(self):
+        layers = self.cache.layers
+        saved = [(l.columns, l._len_bound, l._static_left) for l in layers]
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._logits = self._forward(self._ids, self._pos)
+        for l, (c, b, s) in zip(layers, saved):  # capture ran the Python once, but no kernel
+            l.columns, l._len_bound, l._static_left = c, b, s
+        self.graph = g
+        self.captures += 1
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape != self._ids.shape or position_ids.shape != self._pos.shape:
+            raise ValueError(f"expected input_ids and position_ids of shape {tuple(self._ids.shape)}; "
+                             f"got {tuple(input_ids.shape)} and {tuple(position_ids.shape)}")
+        if self.left == 0:
+            self._end()
+            self._begin()
+        self.left -= 1
+        if not self.cuda_graph:
+            return self._forward(input_ids.to(self.device), position_ids.to(self.device))
+        if not self.warm:
+            # First step eagerly on a side stream: compiles the Triton kernels and creates library
+            # handles, which must not happen during capture. It is a real step of the sequence.
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                logits = self._forward(input_ids.to(self.device), position_ids.to(self.device))
+            torch.cuda.current_stream().wait_stream(s)
+            self.warm = True
+            return logits
+        if self.graph is None:
+            self._capture()
+        self._ids.copy_(input_ids)
+        self._pos.copy_(position_ids)
+        self.graph.replay()
+        for l in self.cache.layers:
+            l.advance_static(1)
+        return self._logits
+
+    def close(self):
+        """Leave static mode (the cache is an ordinary paged cache again)."""
+        self._end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class FastGenerateOutput:
+    sequences: torch.Tensor  # [B, T_prompt + new] (prompt as given, padding included)
+    cache: PagedDMSCache
+    steps: int  # decode steps run
+    captures: int  # CUDA graph captures
+
+
+def _sample(logits, do_sample, temperature, top_k, top_p, generator):
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                  pad_token_id: int | None = None, cuda_graph: bool | None = None, horizon: int = 128,
+                  generator: torch.Generator | None = None, streamer=None, cache: PagedDMSCache | None = None,
+                  **cache_kwargs) -> FastGenerateOutput:
+    """Generate with the paged DMS cache and graph-replayed decode steps (see module doc).
+
+    Prompts may be left-padded (``attention_mask`` 0 = padding, never cached); positions follow
+    transformers' convention (cumulative count of real tokens). ``eos_token_id`` / ``pad_token_id``
+    default to the model's generation config, as in ``model.generate``; rows that produced an eos
+    continue with the pad id (else the first eos id), and generation stops when every row has. ``streamer`` gets ``put``/``end`` as in
+    transformers. ``cache``: continue an existing paged cache (multi-turn) instead of a new one.
+    """
+    from .patching import dms_state
+
+    state = dms_state(model)
+    if not state.enabled:
+        raise ValueError("fast_generate needs DMS enabled (it decodes through the paged DMS cache)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}")
+    dev = next(model.parameters()).device
+    input_ids = input_ids.to(dev)
+    B = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(dev)
+    gcfg = getattr(model, "generation_config", None)
+    if eos_token_id is None and gcfg is not None:  # as model.generate: the model's own eos (pass [] for none)
+        eos_token_id = gcfg.eos_token_id
+    if pad_token_id is None and gcfg is not None:
+        pad_token_id = gcfg.pad_token_id
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if cache is None:
+        cache = PagedDMSCache(model, **cache_kwargs)
+        prior = torch.zeros(B, dtype=torch.long, device=dev)
+    else:
+        prior = cache.layers[0].seen.to(dev) if cache.layers[0].is_initialized else torch.zeros(B, dtype=torch.long, device=dev)
+    position_ids = (prior[:, None] + attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    # the mask of this chunk only: the cache knows which earlier tokens are real
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    next_pos = (prior + attention_mask.long().sum(-1))[:, None]
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos_t = torch.tensor(eos, device=dev) if eos else None
+    new = []
+    step = GraphedDecodeStep(model, cache, horizon=horizon, cuda_graph=cuda_graph)
+    try:
+        for i in range(max_new_tokens):
+            tok = _sample(logits, do_sample, temperature, top_k, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            new.append(tok)
+            if streamer is not None:
+                streamer.put(tok.cpu())
+            if eos_t is not None:
+                done = done | torch.isin(tok, eos_t)
+                if i % 8 == 0 and bool(done.all()):  # a host sync: only every 8 tokens
+                    break
+            if i == max_new_tokens - 1:
+                break
+            logits = step(tok[:, None], next_pos)
+            next_pos = next_pos + 1
+    finally:
+        step.close()
+    if streamer is not None:
+        streamer.end()
+    gen = torch.stack(new, 1)
+    if eos_t is not None and gen.shape[1] > 1:  # the loop checks only every 8 tokens: cut what followed
+        is_eos = torch.isin(gen, eos_t)
+        if bool(is_eos.any(1).all()):
+            gen = gen[:, : int(is_eos.int().argmax(1).max()) + 1]
+    seq = torch.cat([input_ids, gen], 1)
+    return FastGenerateOutput(sequences=seq, cache=cache, steps=len(new) - 1, captures=step.captures)
