@@ -4,6 +4,7 @@
     python scripts/generate.py runs/default-cr8/export --prompt "The module"
     python scripts/generate.py CKPT --prompt-file prompts.txt --max-new-tokens 256 --sample --temperature 0.7
     python scripts/generate.py CKPT --chat            # multi-turn: each turn continues the same cache
+    python scripts/generate.py CKPT --prompt-file p.txt --fast   # lean loop, CUDA-graph decode steps (dms.graphs)
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def parse_args(argv=None):
                    help="KV cache: paged (Triton page store), reference (pure PyTorch); auto = paged on CUDA")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: checkpoint's)")
+    p.add_argument("--fast", action="store_true",
+                   help="dms.graphs.fast_generate: paged cache, decode steps replayed as CUDA graphs on CUDA "
+                        "(greedy or sampling; not with --num-beams, --num-return-sequences or --chat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p.parse_args(argv)
@@ -50,6 +54,10 @@ def main(argv=None) -> int:
         model, tok = dms.load(args.checkpoint, device=device, dtype=args.dtype, window=args.window, cache=args.cache)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.fast and (args.num_beams > 1 or args.num_return_sequences > 1 or args.chat or args.cache == "reference"):
+        print("error: --fast decodes with the paged cache, greedy or sampling, one sequence per prompt; drop "
+              "--num-beams / --num-return-sequences / --chat / --cache reference, or drop --fast", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tok.pad_token_id,
@@ -79,8 +87,16 @@ def main(argv=None) -> int:
             prompts = [l.rstrip("\n") for l in f if l.strip()]
     tok.padding_side = "left"  # new tokens follow every prompt directly; padding is never cached
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
-    cache = make_cache(model, args.cache)
-    out = model.generate(**enc, past_key_values=cache, **gen_kwargs)
+    if args.fast:
+        from dms.graphs import fast_generate
+
+        res = fast_generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens,
+                            do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                            pad_token_id=tok.pad_token_id)
+        out, cache = res.sequences, res.cache
+    else:
+        cache = make_cache(model, args.cache)
+        out = model.generate(**enc, past_key_values=cache, **gen_kwargs)
     texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     kv = _kv_line(cache)
     if args.json:
