@@ -31,11 +31,12 @@ from .paged_cache import PagedDMSCache
 
 
 class GraphedDecodeStep:
-    """``step(input_ids [B, 1], position_ids [B, 1]) -> logits [B, V]`` for a DMS model and its paged cache.
+    """``step(input_ids [B, 1], position_ids [B, 1]) -> logits [B, V]`` for a DMS model and its cache.
 
     Args:
         model: a retrofitted causal LM (DMS on), on the device of ``cache``.
-        cache: a :class:`PagedDMSCache` that already holds the prompt (prefill done).
+        cache: a :class:`PagedDMSCache` that already holds the prompt (prefill done), or a
+            :class:`dms.shared_prefix.SharedPrefixDMSCache` (W samples sharing each prompt's pruned KV).
         horizon: decode steps per capture (pages for that many tokens are reserved up front).
         cuda_graph: capture and replay (default: when the model is on CUDA). With False the static-mode
             step runs eagerly (same cache code path; used on CPU and as the reference in tests).
@@ -46,8 +47,11 @@ class GraphedDecodeStep:
     """
 
     def __init__(self, model, cache: PagedDMSCache, horizon: int = 128, cuda_graph: bool | None = None):
-        if not isinstance(cache, PagedDMSCache):
-            raise ValueError(f"GraphedDecodeStep needs a dms.paged_cache.PagedDMSCache; got {type(cache).__name__}")
+        from .shared_prefix import SharedPrefixDMSCache
+
+        if not isinstance(cache, (PagedDMSCache, SharedPrefixDMSCache)):
+            raise ValueError("GraphedDecodeStep needs a dms.paged_cache.PagedDMSCache or a "
+                             f"dms.shared_prefix.SharedPrefixDMSCache; got {type(cache).__name__}")
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1; got {horizon}")
         layers = [l for l in cache.layers if l.is_initialized]
@@ -59,16 +63,14 @@ class GraphedDecodeStep:
             cuda_graph = self.device.type == "cuda"
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on CUDA; it is on {self.device}")
-        if cuda_graph and cache.backend != "triton":
+        if cuda_graph and getattr(cache, "backend", "triton") != "triton":
             raise ValueError("cuda_graph=True needs the paged cache's triton backend (PagedDMSCache(backend='triton'))")
         self.model, self.cache, self.horizon, self.cuda_graph = model, cache, int(horizon), bool(cuda_graph)
         self.graph = None
         self.left = 0
         self.warm = False
         self.captures = 0
-        B = layers[0].B
-        self._ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        self._pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        self._ids = self._pos = None  # static inputs, allocated at the first call
         self._logits = None
 
     # --- one step --------------------------------------------------------------------------------------
@@ -90,18 +92,21 @@ class GraphedDecodeStep:
 
     def _capture(self):
         layers = self.cache.layers
-        saved = [(l.columns, l._len_bound, l._static_left) for l in layers]
+        saved = [l.static_host_state() for l in layers]
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self._logits = self._forward(self._ids, self._pos)
-        for l, (c, b, s) in zip(layers, saved):  # capture ran the Python once, but no kernel
-            l.columns, l._len_bound, l._static_left = c, b, s
+        for l, st in zip(layers, saved):  # capture ran the Python once, but no kernel
+            l.set_static_host_state(st)
         self.graph = g
         self.captures += 1
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape != self._ids.shape or position_ids.shape != self._pos.shape:
+        if self._ids is None:
+            self._ids = torch.zeros(input_ids.shape, dtype=torch.long, device=self.device)
+            self._pos = torch.zeros(position_ids.shape, dtype=torch.long, device=self.device)
+        if input_ids.shape != self._ids.shape or position_ids.shape != self._pos.shape or input_ids.shape[1] != 1:
             raise ValueError(f"expected input_ids and position_ids of shape {tuple(self._ids.shape)}; "
                              f"got {tuple(input_ids.shape)} and {tuple(position_ids.shape)}")
         if self.left == 0:

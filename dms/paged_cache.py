@@ -300,6 +300,13 @@ class PagedDMSCacheLayer(CacheLayerMixin):
         self.columns += steps
         self._len_bound += steps
 
+    def static_host_state(self):
+        """Host counters a captured step changes in Python (restored after capture: graphs.py)."""
+        return (self.columns, self._len_bound, self._static_left)
+
+    def set_static_host_state(self, state):
+        self.columns, self._len_bound, self._static_left = state
+
     def end_static(self):
         """Back to ordinary decoding (the next step re-reads the free-page count)."""
         if self._static_max_len is None:

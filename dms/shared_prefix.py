@@ -61,6 +61,7 @@ class SuffixStore:
         self.compact_every = compact_every
         self.steps = 0
         self.is_initialized = True
+        self._static_len = None  # begin_static .. end_static: fixed buffers, device-side slot counter
 
     def _grow(self):
         cap = self.keys.shape[2]
@@ -70,10 +71,46 @@ class SuffixStore:
         assert self.keys.shape[2] == 2 * cap
 
     def held_tokens(self) -> torch.Tensor:
-        return (self.pos[..., : self.n] >= 0).sum(-1)
+        n = self.n if self._static_len is None else self._static_len
+        return (self.pos[..., :n] >= 0).sum(-1)
+
+    # --- static mode (CUDA graphs, dms/graphs.py) ------------------------------------------------------
+    def begin_static(self, steps: int):
+        """Room for ``steps`` more tokens, then a fixed layout: writes go through a device slot counter."""
+        while self.keys.shape[2] < self.n + steps:
+            self._grow()
+        self._n_dev = torch.full((1,), self.n, dtype=torch.long, device=self.keys.device)
+        self._static_len = self.n + steps
+
+    def end_static(self, window: int):
+        if self._static_len is None:
+            return
+        self.n = int(self._n_dev[0])
+        self._static_len = None
+        self._compact(window)  # what the skipped periodic compactions would have dropped
+
+    def _attend_static(self, query, key, value, logits, window: int, scaling: float):
+        L = self._static_len
+        B, Hkv = key.shape[:2]
+        pos = self.pos[:, :, :L]
+        prev = pos == (self.seen - 1)[:, None, None]  # unused slots hold -1
+        self.evict[:, :, :L] |= prev & (logits[:, 0, :, None] > 0)
+        slot = self._n_dev
+        self.keys.index_copy_(2, slot, key)
+        self.values.index_copy_(2, slot, value)
+        self.pos.index_copy_(2, slot, self.seen[:, None, None].expand(B, Hkv, 1))
+        qpos = self.seen[:, None, None]
+        visible = (pos >= 0) & ~(self.evict[:, :, :L] & ((qpos - pos) > window))
+        o, lse = _prefix_attention(query, self.keys, self.values, visible, scaling, 1, length=L)
+        self.seen.add_(1)  # in place: a captured graph keeps advancing the same tensors
+        self._n_dev.add_(1)
+        self.steps += 1
+        return o, lse
 
     def attend(self, query, key, value, logits, window: int, scaling: float, return_lse: bool = True):
         """query ``[B, H, 1, D]``, key/value ``[B, Hkv, 1, D]``, logits ``[B, 1, Hkv]`` -> (o, lse)."""
+        if self._static_len is not None:
+            return self._attend_static(query, key, value, logits, window, scaling)
         if self.n > 0:  # this token decides about each row's previous token (wherever compaction put it)
             prev = self.pos[:, :, : self.n] == (self.seen - 1)[:, None, None]
             self.evict[:, :, : self.n] |= prev & (logits[:, 0, :, None] > 0)
@@ -87,7 +124,7 @@ class SuffixStore:
         pos = self.pos
         visible = (pos >= 0) & ~(self.evict & ((qpos - pos) > window))
         o, lse = _prefix_attention(query, self.keys, self.values, visible, scaling, 1, length=self.n)
-        self.seen = self.seen + 1
+        self.seen.add_(1)
         self.steps += 1
         if self.steps % self.compact_every == 0:
             self._compact(window)
@@ -135,6 +172,8 @@ class SharedPrefixLayer(CacheLayerMixin):
         self.is_initialized = True
         self.keys = self.pk  # what HF's generic helpers look at (device/dtype)
         self.values = self.pv
+        self._static_left = None  # steps reserved by begin_static (None: ordinary decoding)
+        self._window = None
 
     def lazy_initialization(self, key_states, value_states):
         pass
@@ -159,6 +198,40 @@ class SharedPrefixLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int):
         raise ValueError("the shared-prefix cache already holds every sample; pass dms_shared_prefix=False")
+
+    # --- static mode (CUDA graphs, dms/graphs.py) ------------------------------------------------------
+    def begin_static(self, steps: int):
+        """Reserve ``steps`` decode steps: suffix room, no compaction, no host reads until end_static."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1; got {steps}")
+        self._static_left = int(steps)
+        if self.suffix is not None:
+            self.suffix.begin_static(steps)
+
+    def advance_static(self, steps: int = 1):
+        if self._static_left is None or steps > self._static_left:
+            raise RuntimeError(f"{steps} static steps requested, {self._static_left} reserved; call begin_static again")
+        self._static_left -= steps
+        self.columns += steps
+        self.steps += steps
+        self.suffix.steps += steps
+
+    def end_static(self):
+        if self._static_left is None:
+            return
+        self._static_left = None
+        if self.suffix is not None:
+            self.suffix.end_static(self._window)
+        if self._window is not None:
+            self._compact_prefix(self.suffix.seen[:: self.samples], self._window)
+
+    def static_host_state(self):
+        return (self.columns, self.steps, self._static_left, None if self.suffix is None else self.suffix.steps)
+
+    def set_static_host_state(self, state):
+        self.columns, self.steps, self._static_left, suffix_steps = state
+        if self.suffix is not None:
+            self.suffix.steps = suffix_steps
 
     def _compact_prefix(self, next_pos: torch.Tensor, window: int):
         dead = self.pevict & ((next_pos[:, None, None] - self.ppos) > window)
@@ -188,7 +261,10 @@ class SharedPrefixLayer(CacheLayerMixin):
             # shared prefix; checked once here rather than every step (a host synchronisation).
             if valid is not None and not bool(valid.all()):
                 raise ValueError("the shared-prefix cache got padding in a decode step; pass dms_shared_prefix=False")
-            self.suffix = SuffixStore(key, value, self.pseen.repeat_interleave(W, 0))
+            cap = None if self._static_left is None else max(SUFFIX_CAPACITY, self._static_left + 1)
+            self.suffix = SuffixStore(key, value, self.pseen.repeat_interleave(W, 0), capacity=cap)
+            if self._static_left is not None:
+                self.suffix.begin_static(self._static_left)
             # The last prompt token decides about the prefix's last key. Every sample of a group processes the
             # same token here, so sample 0's decision is the group's decision.
             first = logits[::W, 0]  # [G, Hkv]
@@ -201,8 +277,11 @@ class SharedPrefixLayer(CacheLayerMixin):
         o_s, lse_s = self.suffix.attend(query, key, value, logits, window, scaling)
         self.columns += Tn
         self.steps += 1
-        if self.steps % self.compact_every == 0:  # prefix entries die only in the first `window` steps
-            self._compact_prefix(qpos + 1, window)
+        self._window = window
+        if self._static_left is not None:
+            self._static_left -= 1
+        elif self.steps % self.compact_every == 0:  # prefix entries die only in the first `window` steps
+            self._compact_prefix(self.suffix.seen[::W], window)  # seen has advanced: the next position
         return merge_partials(o_p, lse_p, o_s, lse_s)
 
 

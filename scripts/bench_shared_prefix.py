@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--cr", type=float, default=8.0)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                   help="DMS decode steps (shared and per-sample) replayed as CUDA graphs (dms.graphs)")
     p.add_argument("--out", default="docs/results/shared_prefix.json")
     return p.parse_args(argv)
 
@@ -105,6 +107,7 @@ def main(argv=None) -> int:
     from transformers import DynamicCache
 
     import dms
+    from dms.graphs import GraphedDecodeStep
     from dms.shared_prefix import SharedPrefixDMSCache, SharedPrefixLayer
 
     cuda = torch.cuda.is_available()
@@ -118,9 +121,11 @@ def main(argv=None) -> int:
     samples = [int(x) for x in args.samples.split(",")] if not args.tiny else [2, 4]
     window = args.window if not args.tiny else 8
     iters = args.iters if not args.tiny else 2
+    use_graphs = cuda and args.cuda_graphs == "on"
 
     model = build_model(args, device, dtype)
     dense_model = model  # the same weights before the patch serve the dense baseline
+    weight_bytes_read = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     rows = []
     from dms_kernels.prefix_attention import prefix_attention
 
@@ -192,24 +197,22 @@ def main(argv=None) -> int:
                 try:
                     with torch.no_grad():
                         cache = fresh(kind == "per_sample_dms")
-                        model(tok, past_key_values=cache, position_ids=pos)  # the last prompt token: suffix starts
-                        # each timed step appends one token; undo it so every step sees the same state
-                        snapshot = [(l.suffix.n, l.suffix.seen, l.suffix.steps, l.columns, l.steps,
-                                     l.suffix.evict.clone()) for l in cache.layers]
+                        # static-mode steps (dms.graphs): replayed as one CUDA graph per step with
+                        # --cuda-graphs on, else the same code eagerly. The first call is the last prompt
+                        # token (the suffix starts); every timed step then appends one more token.
+                        step_fn = GraphedDecodeStep(model, cache, horizon=iters + 8, cuda_graph=use_graphs)
+                        step_fn(tok, pos)
                         pos2 = pos + 1
-
-                        def step():
-                            model(tok, past_key_values=cache, position_ids=pos2)
-                            for l, (n, seen, sst, cols, st, ev) in zip(cache.layers, snapshot):
-                                l.suffix.pos[:, :, n] = -1
-                                l.suffix.evict.copy_(ev)
-                                l.suffix.n, l.suffix.seen, l.suffix.steps, l.columns, l.steps = n, seen, sst, cols, st
-
-                        row[f"{kind}_ms"] = timeit(step, iters, sync)
-                        row[f"{kind}_prefix_bytes"] = cache.stats()["prefix_bytes"]
+                        row[f"{kind}_ms"] = timeit(lambda: step_fn(tok, pos2), iters, sync)
+                        st = cache.stats()
+                        row[f"{kind}_prefix_bytes"] = st["prefix_bytes"]
+                        # KV bytes one step reads: the pruned prefix (once when shared, W copies otherwise)
+                        # plus every sample's suffix
+                        row[f"{kind}_kv_read_bytes"] = st["bytes_held"]
+                        step_fn.close()
                 except torch.OutOfMemoryError:
                     row[f"{kind}_ms"] = None
-                cache = step = snapshot = None
+                cache = step_fn = None
                 if cuda:
                     torch.cuda.empty_cache()
             # the prefix attention kernel alone, one layer
@@ -224,6 +227,15 @@ def main(argv=None) -> int:
                                                  iters, sync)
             del pk, pv, pvis
             row["prefix_held_fraction"] = held_frac
+            # Roofline: a decode step reads every weight but the embedding table, plus the KV. The ratio of
+            # bytes read bounds the step speedup a bandwidth-bound implementation can show.
+            wb = weight_bytes_read
+            if row.get("shared_kv_read_bytes") and row.get("per_sample_dms_kv_read_bytes"):
+                row["weight_bytes_read"] = wb
+                row["step_bound_speedup_vs_per_sample"] = (wb + row["per_sample_dms_kv_read_bytes"]) / (
+                    wb + row["shared_kv_read_bytes"])
+                if row.get("dense_kv_bytes"):
+                    row["step_bound_speedup_vs_dense"] = (wb + row["dense_kv_bytes"]) / (wb + row["shared_kv_read_bytes"])
             print(json.dumps(row), flush=True)
 
     def ratio(a, b):
@@ -237,6 +249,9 @@ def main(argv=None) -> int:
         "speedup_vs_per_sample_w64_16k": ratio(key.get("per_sample_dms_ms"), key.get("shared_ms")),
         "speedup_vs_dense_w64_16k": ratio(key.get("dense_ms"), key.get("shared_ms")),
         "kernel_speedup_vs_per_sample_w64_16k": ratio(key.get("kernel_per_sample_ms"), key.get("kernel_shared_ms")),
+        # the most a bandwidth-bound step can gain from reading the prefix once (weights are read either way)
+        "step_bound_speedup_vs_per_sample_w64_16k": key.get("step_bound_speedup_vs_per_sample"),
+        "step_bound_speedup_vs_dense_w64_16k": key.get("step_bound_speedup_vs_dense"),
     }
     # Largest W at 32K: weights (all 32 layers of the real model) + W x per-sample KV must fit in memory.
     if cuda:
@@ -264,6 +279,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "command": "python scripts/bench_shared_prefix.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": f"Llama-3-8B layer shapes, {args.layers} layers, random bf16 weights, CR-{args.cr:g} retention pattern",
+        "cuda_graphs": use_graphs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
