@@ -4,12 +4,18 @@
     python scripts/bench_quality.py --corpus .corpus --work runs/quality          # everything, on one GPU
     python scripts/bench_quality.py --stages build --work runs/quality            # only the base model
     python scripts/bench_quality.py --crs 2 4 8 --steps 300 --window 32 --ablations immediate windows qneuron full
+    python scripts/bench_quality.py --smoke --corpus .corpus --work /tmp/q --json /tmp/q/q.json --docs /tmp/q/d  # CPU
+
+CR: by default (``--cr-definition memory``) "CR c" is the memory CR of DESIGN.md at the end of the ``--ppl-len``
+rows: the training-free baselines hold ``context / c`` tokens, and each retrofit's compression loss targets the
+decision CR ``d = (T - w) / (T / c - w)`` that leaves the same memory with its window ``w``
+(``dms.eval.bench.decision_target``); ``--cr-definition decision`` trains for decision CR ``c`` instead.
 
 Stages (each skips what <work> already holds, so a run can be split over several commands):
   build     pretrain the reference base model (dms.base_models) into <work>/base, unless --base-model is given
-  retrofit  dms.training.run_retrofit for each CR (adapter heads, --window) and each ablation (at the largest CR):
-            immediate eviction (window 0), other windows (--ablation-windows), q-neuron retention heads
-            (full fine-tune, as they have no parameters of their own), adapter heads + full fine-tune
+  retrofit  dms.training.run_retrofit for each CR (adapter heads, --window) and each ablation (at the largest CR),
+            in this order: q-neuron retention heads (full fine-tune, as they have no parameters of their own),
+            adapter heads + full fine-tune, immediate eviction (window 0), other windows (--ablation-windows)
   eval      dms.eval.evaluate_system for the base model (full cache), every baseline at every CR, every retrofit
   report    docs/results/quality.json, the "Quality" section of docs/benchmarks.md and docs/quality_*.png
 """
@@ -22,6 +28,7 @@ import os
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 STAGES = ("build", "retrofit", "eval", "report")
@@ -37,17 +44,28 @@ def parse_args(argv=None):
     p.add_argument("--base-steps", type=int, default=None, help="pretraining steps (BaseModelConfig.steps)")
     p.add_argument("--base-batch", type=int, default=None)
     p.add_argument("--base-family", default="llama", choices=("llama", "qwen3"))
-    p.add_argument("--base-max-seconds", type=float, default=None)
+    p.add_argument("--base-max-seconds", type=float, default=None, help="hard stop of the pretraining loop")
+    p.add_argument("--base-time-budget", type=float, default=None,
+                   help="seconds of pretraining: the step count (and cosine schedule) fits the measured step time")
     p.add_argument("--base-config", default=None, help='JSON of further BaseModelConfig fields, e.g. \'{"hidden_size": 128}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crs", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     p.add_argument("--window", type=int, default=32, help="DMS window of the main runs (memory CR <= T / window)")
+    p.add_argument("--cr-definition", default="memory", choices=("memory", "decision"),
+                   help="what 'CR c' means for DMS runs: memory CR c at --ppl-len tokens (default) or decision CR c")
     p.add_argument("--steps", type=int, default=300, help="retrofit steps per run")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=2048, help="retrofit rows (tokens)")
+    p.add_argument("--ppl-len", type=int, default=None, help="perplexity rows (tokens; default --seq-len): the "
+                   "context at which memory CRs are measured")
+    p.add_argument("--retrofit-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights of the retrofitted model during training (retention heads are fp32 either way)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3, help="retrofit lr for adapter-only runs")
     p.add_argument("--full-lr", type=float, default=3e-4, help="retrofit lr for full fine-tune runs")
-    p.add_argument("--attention", default="eager", choices=("auto", "eager", "flex", "triton"))
+    p.add_argument("--attention", default="eager", choices=("auto", "eager", "flex", "triton"),
+                   help="DMS training-attention kernel of the retrofits")
+    p.add_argument("--eval-attention", default="eager", choices=("auto", "eager", "flex", "triton"),
+                   help="DMS prefill kernel of the evaluation (eager: the fp32 reference)")
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS)
     p.add_argument("--ablation-windows", type=int, nargs="+", default=[8, 128])
     p.add_argument("--mix-docs", type=int, default=3000, help="documents in the retrofit corpus")
@@ -58,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--n-per-task", type=int, default=16)
     p.add_argument("--ppl-rows", type=int, default=8)
     p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--ppl-batch", type=int, default=None, help="perplexity rows per forward (default --eval-batch)")
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--re-eval", action="store_true", help="ignore cached evaluations in <work>/eval")
@@ -70,22 +89,53 @@ def parse_args(argv=None):
                    help="seconds since start after which no further retrofit is started (main CRs go first)")
     p.add_argument("--eval-deadline", type=float, default=None,
                    help="seconds since start after which no further system is evaluated (the report still runs)")
-    return p.parse_args(argv)
+    p.add_argument("--results-copy", default=None,
+                   help="copy the small results of <work> (evaluations, losses, summaries, build info) to this folder")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny CPU end-to-end run of every stage (a 2-layer base model, a few steps, a few examples)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        apply_smoke(args)
+    if args.ppl_len is None:
+        args.ppl_len = args.seq_len
+    return args
+
+
+def apply_smoke(args):
+    """Settings of ``--smoke``: every stage and ablation runs, on a CPU, in about a minute (correctness only)."""
+    args.base_config = json.dumps({"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                                   "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 128, "seq_len": 256,
+                                   "batch_size": 4, "warmup_steps": 5, "tokenizer_chars": 300_000,
+                                   "max_train_docs": 200, "max_position_embeddings": 512, "data_workers": 0,
+                                   **(json.loads(args.base_config) if args.base_config else {})})
+    args.base_steps = args.base_steps or 30
+    args.steps, args.seq_len, args.batch_size = 6, 256, 2
+    args.window, args.ablation_windows = 8, [4, 16]
+    args.mix_docs, args.eval_lengths, args.n_per_task = 30, [256], 2
+    args.ppl_rows, args.eval_batch, args.prefill_chunk = 2, 4, 64
+    args.device = args.device or "cpu"
 
 
 def run_specs(args):
-    from dms.eval.bench import RunSpec
+    from dms.eval.bench import RunSpec, decision_target
+
+    def spec(name, cr, window, *rest):
+        target = decision_target(cr, args.ppl_len, window) if args.cr_definition == "memory" else None
+        return RunSpec(name, cr, window, *rest, target_cr=target)
 
     top = max(args.crs)
-    specs = [RunSpec(f"dms-cr{c:g}", c, args.window, lr=args.lr) for c in sorted(args.crs, reverse=True)]
-    if "immediate" in args.ablations:
-        specs.append(RunSpec(f"dms-cr{top:g}-w0", top, 0, lr=args.lr))
+    specs = [spec(f"dms-cr{c:g}", c, args.window, "adapter", "adapter", args.lr)
+             for c in sorted(args.crs, reverse=True)]
+    # Ablations in priority order (a --retrofit-deadline cuts from the end).
     if "qneuron" in args.ablations:
-        specs.append(RunSpec(f"dms-cr{top:g}-qneuron", top, args.window, "q_neuron", "full", args.full_lr))
+        specs.append(spec(f"dms-cr{top:g}-qneuron", top, args.window, "q_neuron", "full", args.full_lr))
     if "full" in args.ablations:
-        specs.append(RunSpec(f"dms-cr{top:g}-fullft", top, args.window, "adapter", "full", args.full_lr))
+        specs.append(spec(f"dms-cr{top:g}-fullft", top, args.window, "adapter", "full", args.full_lr))
+    if "immediate" in args.ablations:
+        specs.append(spec(f"dms-cr{top:g}-w0", top, 0, "adapter", "adapter", args.lr))
     if "windows" in args.ablations:
-        specs += [RunSpec(f"dms-cr{top:g}-w{w}", top, w, lr=args.lr) for w in args.ablation_windows if w != args.window]
+        specs += [spec(f"dms-cr{top:g}-w{w}", top, w, "adapter", "adapter", args.lr)
+                  for w in args.ablation_windows if w != args.window]
     return specs
 
 
@@ -112,6 +162,12 @@ def main(argv=None) -> int:
     corpus = Path(args.corpus)
     base_dir = Path(args.base_model) if args.base_model else work / "base"
     timings = {}
+    failures: dict[str, str] = {}
+    try:  # checked before the build: a window that cannot reach a CR at --ppl-len fails in seconds, not minutes
+        specs = run_specs(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     # ---- build ----------------------------------------------------------------------------------------
     if "build" in args.stages and not (base_dir / "build_info.json").is_file():
@@ -125,6 +181,8 @@ def main(argv=None) -> int:
         over.setdefault("data_workers", min(8, max(0, (os.cpu_count() or 1) - 4)))
         if args.base_max_seconds:
             over["max_seconds"] = args.base_max_seconds
+        if args.base_time_budget:
+            over["time_budget_s"] = args.base_time_budget
         t = time.time()
         build_base_model(corpus, base_dir, BaseModelConfig(**over), seed=args.seed, device=device, progress=progress)
         timings["build_s"] = time.time() - t
@@ -133,7 +191,8 @@ def main(argv=None) -> int:
         return 2
 
     # ---- retrofit -------------------------------------------------------------------------------------
-    specs = run_specs(args)
+    print("retrofits (nominal CR -> decision CR target): " + ", ".join(
+        f"{s.name} {s.cr:g} -> {s.decision_target:.3g}" for s in specs), flush=True)
     runs_dir = work / "runs"
     if "retrofit" in args.stages:
         from dms.training import run_retrofit
@@ -142,8 +201,12 @@ def main(argv=None) -> int:
         mix = work / "retrofit_mix.jsonl.gz"
         if not mix.is_file():
             tok = AutoTokenizer.from_pretrained(str(base_dir))
+            recipe = json.loads((base_dir / "build_info.json").read_text()).get("recipe", {}) \
+                if (base_dir / "build_info.json").is_file() else {}
+            base_mix = BaseModelConfig(**{k: v for k, v in recipe.items()
+                                          if k in BaseModelConfig.__dataclass_fields__}).mix() if recipe else None
             write_retrofit_mix(corpus / "train.jsonl.gz", tok, mix, args.mix_docs, args.seq_len,
-                               task_fraction=args.mix_task_fraction, seed=args.seed)
+                               task_fraction=args.mix_task_fraction, seed=args.seed, mix=base_mix)
         for spec in specs:
             out = runs_dir / spec.name
             if (out / "summary.json").is_file():
@@ -153,15 +216,21 @@ def main(argv=None) -> int:
                 continue
             t = time.time()
             cfg = bench.retrofit_config(spec, base_dir, mix, out, args.steps, args.seq_len, args.batch_size,
-                                        args.attention, args.seed, progress)
-            summary = run_retrofit(cfg, log=print)
+                                        args.attention, args.seed, progress, dtype=args.retrofit_dtype)
+            try:
+                summary = run_retrofit(cfg, log=print)
+            except Exception as e:  # a single-shot GPU run keeps going: the report names what failed
+                traceback.print_exc()
+                failures[spec.name] = f"retrofit failed: {type(e).__name__}: {e}"
+                _free_cuda()
+                continue
             timings[f"retrofit_{spec.name}_s"] = time.time() - t
             print(f"[{spec.name}] {time.time() - t:.0f}s eval={json.dumps(summary.get('eval'))}", flush=True)
 
     # ---- eval -----------------------------------------------------------------------------------------
     ecfg = EvalConfig(lengths=args.eval_lengths, n_per_task=args.n_per_task, ppl_rows=args.ppl_rows,
-                      ppl_len=args.seq_len, batch_size=args.eval_batch, prefill_chunk=args.prefill_chunk,
-                      seed=args.eval_seed)
+                      ppl_len=args.ppl_len, batch_size=args.eval_batch, ppl_batch_size=args.ppl_batch,
+                      prefill_chunk=args.prefill_chunk, seed=args.eval_seed)
     results: dict[str, dict] = {}
     for f in sorted((work / "eval").glob("*.json")):
         r = json.loads(f.read_text())
@@ -180,7 +249,13 @@ def main(argv=None) -> int:
             if args.eval_deadline is not None and time.time() - t_start > args.eval_deadline:
                 print(f"[eval {system.name}] skipped: --eval-deadline {args.eval_deadline:g}s passed", flush=True)
                 return
-            r = evaluate_system(system, teacher, tok, data, ecfg, progress=progress)
+            try:
+                r = evaluate_system(system, teacher, tok, data, ecfg, progress=progress)
+            except Exception as e:  # as for retrofits: record it, evaluate the others
+                traceback.print_exc()
+                failures[system.name] = f"evaluation failed: {type(e).__name__}: {e}"
+                _free_cuda()
+                return
             results[system.name] = r
             (work / "eval" / f"{system.name}.json").write_text(json.dumps(r, indent=1))
             print(f"[eval {system.name}] ppl={r.get('ppl'):.3f} (+{100 * r.get('ppl_increase', 0):.1f}%) "
@@ -191,7 +266,7 @@ def main(argv=None) -> int:
             exp = runs_dir / spec.name / "export"
             if not exp.is_dir() or (spec.name in results and not args.re_eval):
                 return
-            model, _ = dms.load(str(exp), device=device, dtype="float32", attention_impl=args.attention)
+            model, _ = dms.load(str(exp), device=device, dtype="float32", attention_impl=args.eval_attention)
             run(DMSSystem(model, spec.name), base)
             del model
 
@@ -214,7 +289,8 @@ def main(argv=None) -> int:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": sys.version.split()[0]},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command, "timings_s": {**timings, "total_s": time.time() - t_start}}, indent=1))
+            "command": command, "timings_s": {**timings, "total_s": time.time() - t_start},
+            "failures": failures}, indent=1))
 
     # ---- report ---------------------------------------------------------------------------------------
     if "report" in args.stages:
@@ -222,7 +298,8 @@ def main(argv=None) -> int:
 
         run_rows = {s.name: bench.read_losses(runs_dir / s.name) for s in specs}
         main_runs = {s.cr: s.name for s in specs if s.name == f"dms-cr{s.cr:g}"}
-        summary = bench.summarize(results, args.crs, main_runs, args.baselines, run_rows)
+        targets = {s.name: s.decision_target for s in specs}
+        summary = bench.summarize(results, args.crs, main_runs, args.baselines, run_rows, targets)
         build_info = json.loads((base_dir / "build_info.json").read_text()) if (base_dir / "build_info.json").is_file() else {}
         meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -232,9 +309,17 @@ def main(argv=None) -> int:
         if (work / "run_meta.json").is_file():  # measured in an earlier command (e.g. on the GPU machine)
             measured = json.loads((work / "run_meta.json").read_text())
             timings = measured.pop("timings_s", timings)
-            meta = {**measured, "report_command": command}
-        if args.note:
-            meta["notes"] = args.note
+            meta = {**measured, **({"report_command": command} if command != measured.get("command") else {})}
+        meta["failures"] = {**meta.get("failures", {}), **failures}
+        notes = list(args.note) + [f"FAILED {k}: {v}" for k, v in meta["failures"].items()]
+        if notes:
+            meta["notes"] = notes
+        meta["context"] = args.ppl_len
+        if args.cr_definition == "memory":
+            meta["targets_line"] = (
+                f"CR = memory CR at {args.ppl_len:,} tokens for every system. Each DMS retrofit's compression loss "
+                f"aims at the decision CR that leaves that memory with its window w, d = (T - w) / (T / CR - w): "
+                + ", ".join(f"{s.name} (w {s.window}) {s.decision_target:.3g}" for s in specs) + ".")
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
         imgs = []
@@ -255,10 +340,12 @@ def main(argv=None) -> int:
             sp = runs_dir / s.name / "summary.json"
             runs_meta[s.name] = {"spec": bench.spec_dict(s),
                                  "train_summary": json.loads(sp.read_text()) if sp.is_file() else None,
-                                 "steps_to_target_cr": bench.steps_to_cr(run_rows.get(s.name, []), s.cr)}
+                                 "steps_to_target_cr": bench.steps_to_cr(run_rows.get(s.name, []), s.decision_target)}
         doc = {"summary": summary, **meta, "base_model": {k: v for k, v in build_info.items() if k != "loss_curve"},
                "retrofit": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                            "window": args.window, "attention": args.attention, "runs": runs_meta},
+                            "window": args.window, "attention": args.attention, "dtype": args.retrofit_dtype,
+                            "cr_definition": args.cr_definition, "eval_context": args.ppl_len,
+                            "eval_attention": args.eval_attention, "runs": runs_meta},
                "timings_s": timings,
                "rows": [{k: v for k, v in results[n].items() if k != "eval_config"} for n in order if n in results],
                "eval_config": ecfg.__dict__}
@@ -269,8 +356,38 @@ def main(argv=None) -> int:
         section = bench.markdown_section(results, order, summary, meta, imgs).replace("results/quality.json", rel)
         bench.write_section(docs / "benchmarks.md", section)
         print(json.dumps(summary, indent=1))
+    if args.results_copy:
+        copy_results(work, base_dir, Path(args.results_copy))
     print(f"total {time.time() - t_start:.0f}s; timings {json.dumps({k: round(v) for k, v in timings.items()})}")
     return 0
+
+
+def _free_cuda():
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def copy_results(work: Path, base_dir: Path, dest: Path):
+    """The small files of <work> that the report stage reads (no weights): enough to regenerate the report."""
+    import shutil
+
+    files = [*sorted((work / "eval").glob("*.json")), work / "run_meta.json"]
+    for run in sorted((work / "runs").glob("*")):
+        files += [run / "losses.jsonl", run / "summary.json", run / "config.json"]
+    for f in files:
+        if f.is_file():
+            target = dest / f.relative_to(work)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+    if (base_dir / "build_info.json").is_file():
+        (dest / "base").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(base_dir / "build_info.json", dest / "base" / "build_info.json")
+        shutil.copy2(base_dir / "config.json", dest / "base" / "config.json")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
     python scripts/build_base_model.py --corpus /work/shared/data/corpus --out runs/base-llama
     python scripts/build_base_model.py --corpus .corpus --out runs/base-qwen3 --family qwen3 --steps 1500 --seed 1
+    python scripts/build_base_model.py --corpus .corpus --out runs/base --time-budget-s 200 --mix-weights 0.15,0.5,0.35
 
 The mix teaches in-context retrieval (planted key-value facts recalled later); the work lives in
 dms.base_models. Prints the validation loss and, with --eval-n > 0, the retrieval accuracy at full cache.
@@ -24,11 +25,20 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--eval-n", type=int, default=16, help="task examples per task and length at full cache (0: skip)")
-    p.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--eval-lengths", type=int, nargs="+", default=[2048, 4096])
     for f in dataclasses.fields(BaseModelConfig):  # every recipe field is a flag (annotations: "int | None", ...)
-        typ = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+        typ = {"int": int, "float": float, "str": str, "tuple": _floats}[str(f.type).split(" ")[0]]
         p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None, help=f"default {f.default}")
     return p.parse_args(argv)
+
+
+def _floats(text: str) -> tuple:
+    """``"0.2,0.5,0.3"`` -> ``(0.2, 0.5, 0.3)`` (tuple-valued recipe fields such as --mix-weights)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.15,0.5,0.35; got {text!r}") \
+            from None
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--ppl-rows", type=int, default=8)
     p.add_argument("--ppl-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--ppl-batch-size", type=int, default=None, help="perplexity rows per forward (default --batch-size)")
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=1234)
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     try:
         cfg = EvalConfig(lengths=args.lengths, n_per_task=args.n_per_task, depths=args.depths, n_keys=args.n_keys,
                          hops=args.hops, ppl_rows=args.ppl_rows, ppl_len=args.ppl_len, batch_size=args.batch_size,
+                         ppl_batch_size=args.ppl_batch_size,
                          prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, seed=args.seed)
         hf = AutoConfig.from_pretrained(args.model)
         is_dms = isinstance(getattr(hf, "dms", None), dict) or getattr(hf, "dms_window_size", None) is not None

@@ -4,8 +4,8 @@
 """
 from .baselines import POLICIES, PolicyCache, make_cache, prepare_policy_model
 from .suite import DMSSystem, EvalConfig, EvalData, PolicySystem, evaluate_system, greedy_generate, perplexity_and_kl, run_tasks
-from .tasks import TASKS, Example, TaskBuilder, answer_correct, read_corpus, token_stream
+from .tasks import TASKS, Example, PretrainMix, TaskBuilder, answer_correct, read_corpus, token_stream
 
 __all__ = ["POLICIES", "PolicyCache", "make_cache", "prepare_policy_model", "DMSSystem", "EvalConfig", "EvalData",
            "PolicySystem", "evaluate_system", "greedy_generate", "perplexity_and_kl", "run_tasks", "TASKS", "Example",
-           "TaskBuilder", "answer_correct", "read_corpus", "token_stream"]
+           "PretrainMix", "TaskBuilder", "answer_correct", "read_corpus", "token_stream"]

@@ -33,9 +33,34 @@ def full_cache_accuracy(model_dir, val_file, lengths, n: int, device: str | None
     return r
 
 
+def decision_target(memory_cr: float, context: int, window: int) -> float:
+    """The decision CR whose evictions leave memory CR ``memory_cr`` at the end of a ``context``-token row.
+
+    DESIGN.md: a row of ``T`` tokens holds its last ``window`` tokens plus the kept share ``1 / d`` of the
+    ``T - window`` older ones, so memory CR ``= T / (w + (T - w) / d)`` and ``d = (T - w) / (T / CR - w)``
+    (``d = CR`` for window 0). Raises ``ValueError`` when the window alone exceeds the budget ``T / CR``.
+    """
+    if not memory_cr >= 1:
+        raise ValueError(f"memory CR must be >= 1; got {memory_cr}")
+    if context < 1 or window < 0:
+        raise ValueError(f"need context >= 1 and window >= 0; got context {context}, window {window}")
+    budget = context / memory_cr
+    if window >= budget:
+        raise ValueError(f"window {window} keeps more than the budget {budget:g} tokens of memory CR {memory_cr:g} at "
+                         f"{context} tokens (memory CR <= T / window = {context / max(window, 1):g}); use a window "
+                         f"< {budget:g} or evaluate longer rows")
+    if window == 0:
+        return float(memory_cr)
+    return (context - window) / (budget - window)
+
+
 @dataclass
 class RunSpec:
-    """One retrofit of the benchmark."""
+    """One retrofit of the benchmark.
+
+    ``cr`` is the run's nominal compression ratio (what it is compared at: the memory CR, or the decision CR
+    with ``--cr-definition decision``); ``target_cr`` the decision CR its compression loss aims at (None: ``cr``).
+    """
 
     name: str
     cr: float
@@ -43,17 +68,23 @@ class RunSpec:
     retention: str = "adapter"
     trainable: str = "adapter"
     lr: float = 3e-3
+    target_cr: float | None = None
+
+    @property
+    def decision_target(self) -> float:
+        return self.cr if self.target_cr is None else self.target_cr
 
 
 def retrofit_config(spec: RunSpec, base_dir, data_file, out_dir, steps: int, seq_len: int, batch_size: int,
-                    attention_impl: str, seed: int, progress: bool):
+                    attention_impl: str, seed: int, progress: bool, dtype: str = "float32"):
     from ..training import RetrofitConfig
 
     return RetrofitConfig.from_dict({
-        "model": {"name_or_path": str(base_dir), "dtype": "float32"},
+        "model": {"name_or_path": str(base_dir), "dtype": dtype},
         "data": {"source": str(data_file), "seq_len": seq_len},
         "dms": {"window": spec.window, "retention": spec.retention, "attention_impl": attention_impl},
-        "train": {"steps": steps, "cr": spec.cr, "lr": spec.lr, "batch_size": batch_size, "output": str(out_dir),
+        "train": {"steps": steps, "cr": spec.decision_target, "lr": spec.lr, "batch_size": batch_size,
+                  "output": str(out_dir),
                   "overwrite": True, "save_every": steps, "log_every": 10, "eval_batches": 2,
                   "trainable": spec.trainable, "seed": seed, "progress": progress},
     })
@@ -79,8 +110,13 @@ def _frac(a, b):
 
 
 def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float, str], baselines: list[str],
-              run_rows: dict[str, list[dict]]) -> dict:
-    """The summary object of docs/results/quality.json (fractions, not percents)."""
+              run_rows: dict[str, list[dict]], targets: dict[str, float] | None = None) -> dict:
+    """The summary object of docs/results/quality.json (fractions, not percents).
+
+    ``targets`` maps a run name to the decision CR its retrofit aimed at (default: its nominal CR);
+    ``steps_to_crX`` is the first step whose decision CR reached 95% of it.
+    """
+    targets = targets or {}
     base = results.get("full", {})
     base_ret = base.get("retrieval_accuracy")
 
@@ -117,7 +153,7 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
                          and (d.get("retrieval_accuracy") or 0) >= (r.get("retrieval_accuracy") or 0))
         s[f"dms_beats_every_baseline_{tag}"] = bool(beats) and all(beats)
         if main_runs.get(cr) in run_rows:
-            s[f"steps_to_{tag}"] = steps_to_cr(run_rows[main_runs[cr]], cr)
+            s[f"steps_to_{tag}"] = steps_to_cr(run_rows[main_runs[cr]], targets.get(main_runs[cr], cr))
     s["base_retrieval_accuracy"] = base_ret
     s["base_ppl"] = base.get("ppl")
     return s
@@ -253,11 +289,15 @@ def markdown_section(results: dict, order: list[str], summary: dict, meta: dict,
     if meta.get("report_command"):
         lines.append(f"Table, plots and JSON regenerated from that run's cached results (`<work>`) with: "
                      f"`{meta['report_command']}`  ")
+    ctx = meta.get("context", 2048)
     lines += ["",
              "Budget for training-free baselines: tokens held per KV head = context / CR. DMS rows show the CR the "
              "retrofit *achieved* (decision CR = 1/(1 - evicted fraction); memory CR = tokens seen / tokens held at the "
-             "end of the 2,048-token perplexity rows, window included). Quest keeps every token and limits only the "
-             "reads (compare it on the KV-reads column).", "",
+             f"end of the {ctx:,}-token perplexity rows, window included). Quest keeps every token and limits only the "
+             "reads (compare it on the KV-reads column).", ""]
+    if meta.get("targets_line"):
+        lines += [meta["targets_line"], ""]
+    lines += [
              "| system | decision CR | memory CR | ppl | ppl increase | KL | passkey | multi-key | var. tracking | "
              "retrieval | KV reads (gen) | peak held / row |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -33,7 +33,9 @@ class EvalConfig:
         depths: passkey needle depths (fractions of the filler), cycled over the examples.
         n_keys: facts in a multi-key recall prompt; hops: variable-tracking chain links.
         ppl_rows, ppl_len: validation rows ``[ppl_len]`` for perplexity and KL.
-        batch_size: rows per forward.
+        batch_size: rows per forward (task prompts; perplexity rows too unless ``ppl_batch_size`` is set).
+        ppl_batch_size: perplexity rows per forward (None: ``batch_size``); the eager DMS reference builds
+            ``[B, H, T, T]`` fp32 scores, so long rows want a smaller batch than generation does.
         prefill_chunk: prompt tokens per cache call during generation (the same for every system, so peak
             tokens held compare).
         max_new_tokens: greedy tokens generated per answer.
@@ -48,6 +50,7 @@ class EvalConfig:
     ppl_rows: int = 8
     ppl_len: int = 2048
     batch_size: int = 8
+    ppl_batch_size: int | None = None
     prefill_chunk: int = 256
     max_new_tokens: int = 8
     seed: int = 1234
@@ -57,6 +60,9 @@ class EvalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+        if self.ppl_batch_size is not None and (isinstance(self.ppl_batch_size, bool)
+                                                or not isinstance(self.ppl_batch_size, int) or self.ppl_batch_size < 1):
+            raise ValueError(f"ppl_batch_size must be an integer >= 1 or None; got {self.ppl_batch_size!r}")
         if self.ppl_rows < 0 or self.hops < 0:
             raise ValueError(f"ppl_rows and hops must be >= 0; got {self.ppl_rows}, {self.hops}")
         if not self.lengths or any(int(L) < 64 for L in self.lengths):
@@ -220,8 +226,9 @@ def perplexity_and_kl(system, teacher, rows: torch.Tensor, cfg: EvalConfig, prog
     n_tok = 0
     tally = _DecisionTally(system.window) if isinstance(system, DMSSystem) else None
     held = seen = 0
-    for s in range(0, rows.shape[0], cfg.batch_size):
-        ids = rows[s:s + cfg.batch_size].to(dev)
+    bs = cfg.ppl_batch_size or cfg.batch_size
+    for s in range(0, rows.shape[0], bs):
+        ids = rows[s:s + bs].to(dev)
         B, T = ids.shape
         t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
         s_logits, info = system.logits(ids, cfg.prefill_chunk)
@@ -311,7 +318,7 @@ def evaluate_system(system, teacher, tokenizer, data: EvalData, cfg: EvalConfig,
     """Everything :mod:`dms.eval` measures for one system, as a JSON-able dict (see module docstring)."""
     from tqdm.auto import tqdm
 
-    n_ppl = math.ceil(data.rows.shape[0] / cfg.batch_size)
+    n_ppl = math.ceil(data.rows.shape[0] / (cfg.ppl_batch_size or cfg.batch_size))
     groups: dict = {}
     for ex in data.examples:
         groups[(ex.task, len(ex.input_ids))] = groups.get((ex.task, len(ex.input_ids)), 0) + 1

@@ -209,26 +209,38 @@ class TaskBuilder:
         return out
 
     # --- pretraining mix ------------------------------------------------------------------------
-    def pretraining_document(self, rng: random.Random, length: int) -> list[int]:
-        """A ``length``-token training document: filler with planted facts, the question and its answer.
+    def pretraining_document(self, rng: random.Random, length: int, mix: "PretrainMix | None" = None) -> list[int]:
+        """A ``length``-token training document: filler with planted facts, then questions with their answers.
 
-        One of the three tasks (uniformly; random key counts, hop counts and depths); the answer follows
-        the question, then the row goes on with the next document, so the model learns to recall facts.
+        The task is drawn with ``mix.weights``; the pieces are the evaluation's own templates, but keys,
+        values, depths and filler come from ``rng`` and this builder's stream (the *train* split in
+        :func:`dms.base_models.build_base_model`; evaluation prompts use the validation split and their own
+        seeded generators), so no evaluation item is ever trained on.
+
+        - passkey: one needle, one question.
+        - multikey: ``mix.min_keys..max_keys`` facts (the evaluation uses 4), then questions about
+          ``1..max_questions`` distinct keys in random order, each followed by its value.
+        - variable_tracking: a chain of ``0..max_hops`` links plus a distractor chain with another value (as in
+          the evaluation), then questions about ``1..max_questions`` variables of either chain, so every hop
+          depth (0 = direct lookup) is supervised, not only the last one.
+
+        After the last answer the row goes on with the next document.
         """
-        kind = rng.choice(TASKS)
+        mix = mix or PretrainMix()
+        kind = rng.choices(TASKS, weights=mix.weights)[0]
         if kind == "passkey":
             v = self.random_value(rng)
             needles = [(rng.random(), self.enc(f"\nThe pass key is {v}. Remember it. {v} is the pass key.\n"))]
             tail = self.enc(f"\nWhat is the pass key? The pass key is {v}.\n")
         elif kind == "multikey":
-            n = rng.randint(1, 8)
+            n = rng.randint(mix.min_keys, mix.max_keys)
             keys, vals, needles = self._multikey_parts(rng, n)
             tail = []
-            for q in rng.sample(range(n), min(n, rng.randint(1, 3))):
+            for q in rng.sample(range(n), rng.randint(1, min(n, mix.max_questions))):
                 tail += self.enc(f"\nWhat is the special magic number for {keys[q]}? The special magic number for "
                                  f"{keys[q]} is {vals[q]}.\n")
         else:
-            hops = rng.randint(0, 3)
+            hops = rng.randint(0, mix.max_hops)
             names: list[str] = []
             while len(names) < 2 * (hops + 1):
                 k = self.random_key(rng).upper()
@@ -237,10 +249,48 @@ class TaskBuilder:
             a, b = names[:hops + 1], names[hops + 1:]
             va, vb = self.random_value(rng), self.random_value(rng)
             needles = self._chain(rng, a, va) + self._chain(rng, b, vb)
-            tail = self.enc(f"\nQuestion: what value does VAR {a[-1]} hold? Answer: VAR {a[-1]} holds {va}.\n")
+            value_of = {**{x: va for x in a}, **{x: vb for x in b}}
+            tail = []
+            for x in rng.sample(names, rng.randint(1, min(len(names), mix.max_questions))):
+                tail += self.enc(f"\nQuestion: what value does VAR {x} hold? Answer: VAR {x} holds {value_of[x]}.\n")
         fixed = sum(len(n) for _, n in needles) + len(tail)
         length = max(length, fixed + 8)
         return self._assemble(rng, length, needles, tail)
+
+
+@dataclass
+class PretrainMix:
+    """How retrieval documents of the pretraining mix are drawn (:meth:`TaskBuilder.pretraining_document`).
+
+    Attributes:
+        weights: relative frequency of (passkey, multikey, variable_tracking) documents. Passkey is the easy
+            one (a single needle), so the default spends most documents on the two harder tasks.
+        min_keys, max_keys: facts per multi-key document (uniform; the evaluation uses 4, more keys in training
+            make telling keys apart, the evaluation's failure mode, the thing that is learned).
+        max_questions: questions per multi-key / variable-tracking document (uniform in ``1..max``).
+        max_hops: variable-tracking chain links (uniform in ``0..max``; the evaluation uses 2).
+    """
+
+    weights: tuple = (0.15, 0.5, 0.35)
+    min_keys: int = 2
+    max_keys: int = 10
+    max_questions: int = 4
+    max_hops: int = 3
+
+    def __post_init__(self):
+        w = tuple(float(x) for x in self.weights)
+        if len(w) != len(TASKS) or any(x < 0 for x in w) or not sum(w) > 0:
+            raise ValueError(f"weights must be {len(TASKS)} non-negative numbers for {TASKS} with a positive sum; "
+                             f"got {self.weights!r}")
+        self.weights = w
+        for name in ("min_keys", "max_keys", "max_questions"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+        if self.min_keys > self.max_keys:
+            raise ValueError(f"min_keys ({self.min_keys}) must be <= max_keys ({self.max_keys})")
+        if isinstance(self.max_hops, bool) or not isinstance(self.max_hops, int) or self.max_hops < 0:
+            raise ValueError(f"max_hops must be an integer >= 0; got {self.max_hops!r}")
 
 
 def answer_correct(generated: str, answer: str) -> bool:

@@ -1,11 +1,13 @@
 """The evaluation suite (dms.eval) and reference base models (dms.base_models) on tiny models: correctness only."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
 import pathlib
 import random
+import re
 
 import pytest
 import torch
@@ -178,3 +180,94 @@ def test_evaluate_script_on_dms_checkpoint(tok, corpus, tmp_path, randomize):
     r = json.loads(out.read_text())["results"][0]
     assert r["policy"] == "dms" and r["decision_cr"] > 1 and r["kl"] > 0 and "memory_cr_per_head" in r
     assert ev.main([str(tmp_path / "nope"), "--no-progress"]) == 2
+
+
+def _ngrams(ids, n):
+    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+
+
+def test_pretraining_mix_formats_and_answers(tok, corpus):
+    from dms.eval.tasks import PretrainMix, read_corpus, token_stream
+
+    b = TaskBuilder(tok, token_stream(tok, read_corpus(corpus / "train.jsonl.gz")), seed=0)
+    rng = random.Random(5)
+    mk = PretrainMix(weights=(0, 1, 0), min_keys=3, max_keys=6, max_questions=2)
+    for _ in range(20):
+        text = tok.decode(b.pretraining_document(rng, 600, mk))
+        facts = dict(re.findall(r"The special magic number for (\w+) is (\d+)\.\n", text.split("What is")[0]))
+        answers = re.findall(r"What is the special magic number for (\w+)\? The special magic number for \1 is (\d+)\.",
+                             text)
+        assert 3 <= len(facts) <= 6 and 1 <= len(answers) <= 2 and len({k for k, _ in answers}) == len(answers)
+        assert all(facts[k] == v for k, v in answers)  # every question is answered with its own key's value
+    vt = PretrainMix(weights=(0, 0, 1), max_hops=2, max_questions=4)
+    for _ in range(20):
+        text = tok.decode(b.pretraining_document(rng, 600, vt))
+        body = text.split("\nQuestion:")[0]
+        direct = dict(re.findall(r"VAR (\w+) = (\d+)\.", body))
+        links = dict(re.findall(r"VAR (\w+) = VAR (\w+)\.", body))
+        assert len(direct) == 2 and len(links) % 2 == 0 and len(links) <= 4  # two chains of equal length, <= 2 hops
+
+        def value(x):
+            return direct.get(x) or value(links[x])
+
+        qa = re.findall(r"what value does VAR (\w+) hold\? Answer: VAR \1 holds (\d+)\.", text)
+        assert 1 <= len(qa) <= 4 and all(value(x) == v for x, v in qa)  # any hop depth, resolved through the chain
+    for bad in (dict(weights=(1, 1)), dict(weights=(0, 0, 0)), dict(min_keys=5, max_keys=4), dict(max_hops=-1)):
+        with pytest.raises(ValueError):
+            PretrainMix(**bad)
+    with pytest.raises(ValueError, match="weights"):
+        BaseModelConfig(mix_weights=(1, -1, 0))
+
+
+def test_pretraining_rows_never_contain_evaluation_items(tok, corpus):
+    """Eval prompts come from the validation split and their own seeds; pretraining rows from the train split."""
+    from dms.base_models import MixedRows
+    from dms.eval.tasks import read_corpus, token_stream
+
+    cfg = EvalConfig(lengths=[256], n_per_task=4, ppl_rows=0, n_keys=3, hops=1, seed=1234)
+    data = EvalData.build(tok, corpus / "validation.jsonl.gz", cfg)
+    streams = {s: token_stream(tok, read_corpus(corpus / f"{s}.jsonl.gz")) for s in ("train", "validation")}
+
+    def overlap(split):
+        rows = MixedRows(TaskBuilder(tok, streams[split], seed=0), streams[split], 512, 1.0, seed=0,
+                         eos_id=tok.eos_token_id)
+        seen = set()
+        text = ""
+        for _ in range(80):
+            r = rows.row()
+            seen |= _ngrams(r, 64)
+            text += tok.decode(r)
+        # 64 tokens are longer than any template-only span, so a shared 64-gram would be shared filler or a fact.
+        grams = [g for e in data.examples for g in _ngrams(e.input_ids, 64)]
+        return sum(g in seen for g in grams) / len(grams), text
+
+    frac, text = overlap("train")
+    assert frac == 0
+    for e in data.examples:
+        prompt = tok.decode(e.input_ids)
+        if e.task == "multikey":
+            for key, value in re.findall(r"magic number for (\w+) is (\d+)", prompt):
+                assert f"for {key} is {value}" not in text
+        elif e.task == "passkey":
+            assert f"pass key is {e.answer}" not in text
+        else:
+            assert f"= {e.answer}." not in text
+    control, _ = overlap("validation")  # the same rows drawn from the evaluation's split would overlap a lot
+    assert control > 0.02
+
+
+def test_base_model_time_budget_fits_the_schedule(corpus, tmp_path):
+    cfg = BaseModelConfig(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                          intermediate_size=64, seq_len=64, batch_size=2, steps=10_000, warmup_steps=8,
+                          tokenizer_chars=20000, time_budget_s=1.0, calib_start=2, calib_end=6)
+    info = build_base_model(corpus, tmp_path / "m", cfg, seed=0, device="cpu", progress=False, log=lambda *_: None)
+    assert 6 < info["steps_planned"] < 10_000 and info["steps_done"] == info["steps_planned"]
+    assert info["loss_curve"][-1][0] == info["steps_done"] - 1
+    from dms.base_models import _lr_at
+
+    # The steps timed lie in the warm-up, so replaying with steps=steps_planned gives the same learning rates.
+    replay = dataclasses.replace(cfg, steps=info["steps_planned"], time_budget_s=None)
+    assert [_lr_at(s, replay) for s in range(info["steps_planned"])] == \
+        [_lr_at(s, cfg, info["steps_planned"]) for s in range(info["steps_planned"])]
+    with pytest.raises(ValueError, match="time_budget_s"):
+        BaseModelConfig(time_budget_s=0)
