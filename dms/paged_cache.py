@@ -12,9 +12,11 @@ head. Layout and decode-step rules: ``dms_kernels/decode_attention/reference.py`
   the host keeps an upper bound on pages that can be taken and reads the free count only when the bound
   says the pool might run dry, then grows the pool.
 - Prefill / multi-turn chunks (several columns): processed in chunks of ``prefill_chunk`` columns; each
-  chunk attends to the cached keys (fp32, query-chunked) and to itself with the hard-mask kernel
+  chunk attends to the cached keys (``dms_kernels.decode_attention.chunk_attention`` on CUDA, a flash-style
+  Triton kernel; its fp32 reference elsewhere) and to itself with the hard-mask kernel
   (``dms_kernels.train_attention.dms_attention_hard`` on CUDA, its fp32 reference elsewhere), merged by
-  log-sum-exp; then the streams are repacked into pages (survivors only). Memory O(chunk * held).
+  log-sum-exp; then the streams are repacked into pages (survivors only). Memory with the Triton kernels:
+  O(chunk + held) per layer; with the CPU references O(chunk^2 + 256 * held) (score tensors).
 - Batch ops (beam reorder, repeat_interleave, select) repack the pool, which also shrinks it after
   sequences finish. Padding columns (attention_mask == 0) are never cached.
 
@@ -412,19 +414,29 @@ class PagedDMSCacheLayer(CacheLayerMixin):
             ev_o = ev_o | (pending & (first_logit > 0)[..., None])
             dead = ev_o & ((seen[:, None, None] - pos_o) > W)  # only for window 0: key p-1 hidden from query p
             pos_o = pos_o.masked_fill(dead, -1)
-            o_a, lse_a = masked_attention_lse(query, keys_o, vals_o, new_pos, pos_o, ev_o, W, scaling)
+            if self.backend == "triton":
+                from dms_kernels.decode_attention import chunk_attention
+
+                o_a, lse_a = chunk_attention(query, keys_o, vals_o, new_pos, pos_o, ev_o, W, scaling)
+            else:
+                o_a, lse_a = masked_attention_lse(query, keys_o, vals_o, new_pos, pos_o, ev_o, W, scaling)
         # Chunk-internal attention: real columns moved to the front (stable), so that column distance is
         # position distance for any padding layout; padding becomes its own document (-1).
-        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices  # [B, Tn]
-        inv = torch.argsort(order, dim=-1)
-        qc = torch.gather(query, 2, order[:, None, :, None].expand(B, H, Tn, D))
-        kc = torch.gather(key, 2, order[:, None, :, None].expand(B, Hkv, Tn, key.shape[-1]))
-        vc = torch.gather(value, 2, order[:, None, :, None].expand(B, Hkv, Tn, value.shape[-1]))
-        evc = torch.gather(new_evict, 1, order[..., None].expand(B, Tn, Hkv)).transpose(1, 2).contiguous()
-        doc = None if bool(valid.all()) else torch.where(torch.gather(valid, 1, order), 0, -1).to(torch.int32)
-        o_b, lse_b = _hard_chunk_attention(qc, kc, vc, evc, W, doc, scaling, self.backend == "triton")
-        o_b = torch.gather(o_b.float(), 2, inv[:, None, :, None].expand(B, H, Tn, o_b.shape[-1]))
-        lse_b = torch.gather(lse_b.float(), 2, inv[:, None, :].expand(B, H, Tn))
+        if bool(valid.all()):  # no padding (the common prompt): no reordering copies
+            evc = new_evict.transpose(1, 2).contiguous()
+            o_b, lse_b = _hard_chunk_attention(query, key, value, evc, W, None, scaling, self.backend == "triton")
+            o_b, lse_b = o_b.float(), lse_b.float()
+        else:
+            order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices  # [B, Tn]
+            inv = torch.argsort(order, dim=-1)
+            qc = torch.gather(query, 2, order[:, None, :, None].expand(B, H, Tn, D))
+            kc = torch.gather(key, 2, order[:, None, :, None].expand(B, Hkv, Tn, key.shape[-1]))
+            vc = torch.gather(value, 2, order[:, None, :, None].expand(B, Hkv, Tn, value.shape[-1]))
+            evc = torch.gather(new_evict, 1, order[..., None].expand(B, Tn, Hkv)).transpose(1, 2).contiguous()
+            doc = torch.where(torch.gather(valid, 1, order), 0, -1).to(torch.int32)
+            o_b, lse_b = _hard_chunk_attention(qc, kc, vc, evc, W, doc, scaling, self.backend == "triton")
+            o_b = torch.gather(o_b.float(), 2, inv[:, None, :, None].expand(B, H, Tn, o_b.shape[-1]))
+            lse_b = torch.gather(lse_b.float(), 2, inv[:, None, :].expand(B, H, Tn))
         if out is None and S > 0:
             m = torch.maximum(lse_a, lse_b).nan_to_num(0.0, neginf=0.0)
             wa, wb = torch.exp(lse_a - m[..., None].squeeze(-1)), torch.exp(lse_b - m)
@@ -468,7 +480,7 @@ class PagedDMSCache(Cache):
         model: a retrofitted model (for the layer count), or ``num_layers``.
         page_size: slots per page (power of two >= 16; 64 default: one 64 x 128 tile per load).
         backend: ``triton`` (CUDA kernels), ``torch`` (references) or ``auto`` (triton on CUDA).
-        prefill_chunk: columns per prefill chunk (bounds prefill memory to O(chunk * held)).
+        prefill_chunk: columns per prefill chunk (bounds prefill activations; see the module doc).
     """
 
     def __init__(self, model=None, num_layers: int | None = None, page_size: int = 64, backend: str = "auto",

@@ -3,7 +3,8 @@
 ``paged_append`` / ``paged_decode_attention`` are the Triton kernels (triton_decode.py);
 ``paged_append_reference`` / ``paged_decode_attention_reference`` their pure-PyTorch references
 (reference.py, which also documents the store layout). ``masked_attention_lse`` is the fp32 hard-mask
-attention with log-sum-exp used for prefill chunks against already cached keys.
+attention with log-sum-exp used for prefill chunks against already cached keys; ``chunk_attention`` its
+Triton form (triton_chunk.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .reference import (
 )
 
 __all__ = [
-    "gather_stream", "masked_attention_lse", "paged_append", "paged_append_reference",
+    "chunk_attention", "gather_stream", "masked_attention_lse", "paged_append", "paged_append_reference",
     "paged_decode_attention", "paged_decode_attention_reference", "ring_size",
 ]
 
@@ -29,5 +30,11 @@ def paged_append(*args, **kwargs):
 
 def paged_decode_attention(*args, **kwargs):
     from .triton_decode import paged_decode_attention as _f
+
+    return _f(*args, **kwargs)
+
+
+def chunk_attention(*args, **kwargs):
+    from .triton_chunk import chunk_attention as _f
 
     return _f(*args, **kwargs)

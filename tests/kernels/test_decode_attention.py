@@ -146,8 +146,10 @@ def test_append_kernel_matches_reference(W):
     assert int(tri["seq_len"].max()) <= int(tri["now"].max()) + 1 + W
 
 
-def test_paged_cache_triton_backend_equals_reference_cache(make_tiny_model, randomize):
-    """The whole decode loop through the Triton kernels (interpreter on CPU) == the reference DMSCache."""
+@pytest.mark.parametrize("chunk", [8192, 4])
+def test_paged_cache_triton_backend_equals_reference_cache(make_tiny_model, randomize, chunk):
+    """The whole decode loop through the Triton kernels (interpreter on CPU) == the reference DMSCache;
+    with ``chunk=4`` the prompt and a second turn go through the chunk-vs-cache kernel too."""
     import dms
     from dms.paged_cache import PagedDMSCache
 
@@ -162,7 +164,17 @@ def test_paged_cache_triton_backend_equals_reference_cache(make_tiny_model, rand
     kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, output_logits=True,
               return_dict_in_generate=True, pad_token_id=0)
     ref = m.generate(ids, past_key_values=dms.DMSCache(m), **kw)
-    cache = PagedDMSCache(m, page_size=16, backend="triton")
+    cache = PagedDMSCache(m, page_size=16, backend="triton", prefill_chunk=chunk)
     out = m.generate(ids, past_key_values=cache, **kw)
     assert torch.equal(ref.sequences, out.sequences)
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), atol=1e-4, rtol=0)
+    if chunk < 8192:  # multi-turn: a new prompt continues both caches
+        ref_cache = dms.DMSCache(m)
+        ref = m.generate(ids, past_key_values=ref_cache, **kw)
+        turn = torch.cat([ref.sequences, torch.randint(3, 97, (2, 5), device=DEV)], 1)
+        am2 = torch.cat([am, torch.ones(2, turn.shape[1] - am.shape[1], dtype=am.dtype, device=DEV)], 1)
+        kw2 = dict(kw, attention_mask=am2)
+        r2 = m.generate(turn, past_key_values=ref_cache, **kw2)
+        o2 = m.generate(turn, past_key_values=cache, **kw2)
+        assert torch.equal(r2.sequences, o2.sequences)
+        torch.testing.assert_close(torch.stack(o2.logits, 1), torch.stack(r2.logits, 1), atol=1e-4, rtol=0)
