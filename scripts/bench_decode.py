@@ -10,7 +10,8 @@ the measured per-layer cost, and says so). Sections, each ratio from side-by-sid
    CR 8 (per-head lengths skewed around context/8, window 256 included), contexts 8K/32K, batch 1/8/32;
 3. one decode step of the whole model: paged CR 8 vs paged dense (eviction off, same kernels) vs
    transformers' generate path (SDPA + DynamicCache), on caches filled with random K/V;
-4. prefill (B=1) through the paged cache: retention calibrated to CR 8 vs eviction off, and peak KV memory.
+4. prefill (B=1) through the paged cache, retention calibrated to CR 8 and never evicting, against dense causal
+   prefill of the same weights with DMS off (SDPA); KV memory after the prefill.
 
     python scripts/bench_decode.py                      # H100: full table, writes docs/results/decode.json
     TRITON_INTERPRET=1 python scripts/bench_decode.py --smoke   # CPU: tiny shapes, checks the script runs
@@ -394,6 +395,7 @@ def bench_prefill(args, model, dev, timer, rows):
 
 
 def _bench_prefill(args, model, dev, timer, rows):
+    import dms
     from dms.paged_cache import PagedDMSCache
 
     out = {}
@@ -422,13 +424,24 @@ def _bench_prefill(args, model, dev, timer, rows):
             res[name] = dict(ms=ms, memory_cr=st["memory_cr"], alloc_fraction=st["bytes_allocated"] / st["bytes_dense"],
                              live_fraction=st["bytes_live"] / st["bytes_dense"])
             del holder
-        row = dict(section="prefill", layers=len(model.model.layers), context=ctx, batch=1, cr8_ms=res["cr8"]["ms"], dense_ms=res["dense"]["ms"],
-                   ratio_vs_dense=res["cr8"]["ms"] / res["dense"]["ms"], memory_cr=res["cr8"]["memory_cr"],
+        # dense causal prefill: the same weights with DMS off (transformers' SDPA path and DynamicCache)
+        from transformers import DynamicCache
+
+        def run_sdpa():
+            with torch.no_grad(), dms.dms_disabled(model):
+                model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+
+        sdpa_ms = timer.median_ms(run_sdpa, warmup=1, reps=3 if not args.smoke else 1)
+        row = dict(section="prefill", layers=len(model.model.layers), context=ctx, batch=1, cr8_ms=res["cr8"]["ms"],
+                   no_evict_ms=res["dense"]["ms"], sdpa_dense_ms=sdpa_ms,
+                   ratio_vs_dense=res["dense"]["ms"] / sdpa_ms, cr8_ratio_vs_dense=res["cr8"]["ms"] / sdpa_ms,
+                   cr8_vs_no_evict=res["cr8"]["ms"] / res["dense"]["ms"], memory_cr=res["cr8"]["memory_cr"],
                    kv_alloc_fraction=res["cr8"]["alloc_fraction"], kv_live_fraction=res["cr8"]["live_fraction"])
         rows.append(row)
         out[ctx] = row
-        print(f"prefill ctx={ctx}: cr8 {row['cr8_ms']:.1f} ms, dense {row['dense_ms']:.1f} ms, ratio "
-              f"{row['ratio_vs_dense']:.3f}; memory CR {row['memory_cr']:.2f}, KV alloc fraction "
+        print(f"prefill ctx={ctx}: DMS nothing evicted {row['no_evict_ms']:.1f} ms, CR 8 {row['cr8_ms']:.1f} ms, "
+              f"dense causal (SDPA) {sdpa_ms:.1f} ms -> ratio {row['ratio_vs_dense']:.3f} (CR 8: "
+              f"{row['cr8_ratio_vs_dense']:.3f}); memory CR {row['memory_cr']:.2f}, KV alloc fraction "
               f"{row['kv_alloc_fraction']:.3f}", flush=True)
     return out
 
@@ -483,10 +496,10 @@ def main(argv=None) -> int:
     kb = [r for r in rows if r["section"] == "kernel"]
     pb = pre.get(big, {})
     summary = dict(
-        decode_bw_fraction=max((r["dense_bw_fraction"] for r in kb if r["batch"] >= 8 and r["context"] >= 8192),
+        # the target holds at every batch >= 8, context >= 8K shape: the worst of those rows
+        decode_bw_fraction=min((r["dense_bw_fraction"] for r in kb if r["batch"] >= 8 and r["context"] >= 8192),
                                default=None),
-        decode_bw_fraction_min_b8plus=min((r["dense_bw_fraction"] for r in kb if r["batch"] >= 8 and r["context"] >= 8192),
-                                          default=None),
+        decode_bw_fraction_best=max((r["dense_bw_fraction"] for r in kb), default=None),
         decode_bw_fraction_cr8_32k_b8=k32.get("cr8_bw_fraction"),
         ragged_cr8_time_vs_ideal=k32.get("cr8_time_vs_ideal"),
         attn_speedup_cr8_32k=k32.get("speedup"),

@@ -1,0 +1,55 @@
+"""scripts/bench_decode.py and scripts/bench_shared_prefix.py: their CPU smoke paths run every section and
+write the summary keys the issues ask for (values from tiny shapes: they check the wiring, not speed)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+decode = pytest.importorskip("dms_scripts.bench_decode")
+shared = pytest.importorskip("dms_scripts.bench_shared_prefix")
+
+# decode_bw_fraction covers batch >= 8 at context >= 8K only: null at smoke shapes (decode_bw_fraction_best is set)
+DECODE_KEYS = ["decode_bw_fraction_best", "ragged_cr8_time_vs_ideal", "attn_speedup_cr8_32k", "kv_memory_fraction_cr8",
+               "decode_step_speedup_32k_b8", "decode_step_vs_floor_32k_b8", "speedup_vs_transformers_32k_b8",
+               "fixed_memory_throughput_gain", "prefill_ratio_vs_dense"]
+
+
+def _pos(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_decode_smoke_all_sections(tmp_path):
+    out = tmp_path / "decode.json"
+    assert decode.main(["--smoke", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    for k in DECODE_KEYS:
+        assert _pos(s[k]), k
+    sections = {r["section"] for r in res["rows"]}
+    assert sections == {"kernel", "e2e_step", "fixed_memory", "prefill"}
+    pre = [r for r in res["rows"] if r["section"] == "prefill"][0]
+    assert _pos(pre["sdpa_dense_ms"]) and pre["memory_cr"] > 2  # calibrated retention evicts
+
+
+def test_bench_decode_sections_subset_and_bad_section(tmp_path):
+    out = tmp_path / "k.json"
+    assert decode.main(["--smoke", "--sections", "kernel", "--out", str(out)]) == 0
+    s = json.loads(out.read_text())["summary"]
+    assert _pos(s["attn_speedup_cr8_32k"]) and s["decode_step_speedup_32k_b8"] is None
+    with pytest.raises(SystemExit, match="unknown"):
+        decode.main(["--smoke", "--sections", "kernel,nope", "--out", str(out)])
+
+
+def test_bench_shared_prefix_tiny(tmp_path):
+    out = tmp_path / "sp.json"
+    assert shared.main(["--tiny", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    for k in ("speedup_vs_per_sample_w64_16k", "speedup_vs_dense_w64_16k", "step_bound_speedup_vs_per_sample_w64_16k"):
+        assert _pos(s[k]), k
+    for r in res["rows"]:
+        # one shared copy reads fewer KV bytes than W private copies of the same pruned prompt
+        assert r["shared_kv_read_bytes"] < r["per_sample_dms_kv_read_bytes"]
+        assert r["step_bound_speedup_vs_per_sample"] > 1
