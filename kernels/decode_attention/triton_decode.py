@@ -184,8 +184,9 @@ def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
 
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
-# Split sizing and launch defaults of the decode kernel (tuned with scripts/bench_decode.py --sweep;
-# see docs/benchmarks.md, "Decode").
+# Split sizing and launch defaults of the decode kernel. Not yet measured on a GPU (session 2 had none):
+# chosen so that no program walks more than 8 pages (512 tokens) and the grid holds >= 4 programs per SM;
+# `scripts/bench_decode.py --sweep` times the alternatives (docs/benchmarks.md, "Decode").
 MAX_PAGES_PER_SPLIT = 8
 SPLIT_PROGRAMS_PER_SM = 4
 DEFAULT_WARPS = 4

@@ -53,6 +53,7 @@ def _inputs(B, H, Hkv, Tq, S, D, dtype, seed=0):
     (2, 4, 1, 37, 130, 16, 3),   # GQA 4, odd sizes
     (1, 2, 2, 1, 5, 32, 0),      # one query, window 0
     (2, 8, 2, 20, 64, 64, 1000),  # window beyond everything: only empty slots hidden
+    (1, 4, 2, 63, 500, 16, 16),  # the odd sizes of DESIGN.md's habit 1
 ])
 def test_chunk_attention_matches_reference(dtype, B, H, Hkv, Tq, S, D, window):
     q, k, v, qp, kp, ke = _inputs(B, H, Hkv, Tq, S, D, dtype)
