@@ -23,6 +23,7 @@ On CPU (or ``cuda_graph=False``) the same static-mode code runs eagerly, which i
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,8 @@ class GraphedDecodeStep:
     chunk, beam reorder): it leaves static mode.
     """
 
-    def __init__(self, model, cache: PagedDMSCache, horizon: int = 128, cuda_graph: bool | None = None):
+    def __init__(self, model, cache: PagedDMSCache, horizon: int = 128, cuda_graph: bool | None = None,
+                 forward=None):
         from .shared_prefix import SharedPrefixDMSCache
 
         if not isinstance(cache, (PagedDMSCache, SharedPrefixDMSCache)):
@@ -66,6 +68,7 @@ class GraphedDecodeStep:
         if cuda_graph and getattr(cache, "backend", "triton") != "triton":
             raise ValueError("cuda_graph=True needs the paged cache's triton backend (PagedDMSCache(backend='triton'))")
         self.model, self.cache, self.horizon, self.cuda_graph = model, cache, int(horizon), bool(cuda_graph)
+        self._call = forward or model  # the un-wrapped forward when enable_graph_decoding wraps the model
         self.graph = None
         self.left = 0
         self.warm = False
@@ -75,7 +78,7 @@ class GraphedDecodeStep:
 
     # --- one step --------------------------------------------------------------------------------------
     def _forward(self, input_ids, position_ids):
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+        out = self._call(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
@@ -249,3 +252,88 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             gen = gen[:, : int(is_eos.int().argmax(1).max()) + 1]
     seq = torch.cat([input_ids, gen], 1)
     return FastGenerateOutput(sequences=seq, cache=cache, steps=len(new) - 1, captures=step.captures)
+
+
+# --- model.generate() through graph-replayed steps ---------------------------------------------------------
+def _supported_cache(cache) -> bool:
+    from .shared_prefix import SharedPrefixDMSCache
+
+    if isinstance(cache, PagedDMSCache):
+        return all(l.is_initialized for l in cache.layers)
+    return isinstance(cache, SharedPrefixDMSCache)
+
+
+def close_graph_step(cache) -> None:
+    """Leave static decoding on ``cache`` (before a prompt chunk, a beam reorder, a batch change)."""
+    step = cache.__dict__.pop("_dms_graph_step", None) if cache is not None else None
+    if step is not None:
+        step.close()
+
+
+def enable_graph_decoding(model, horizon: int = 128, cuda_graph: bool | None = None):
+    """Route one-token steps of ``model(...)`` / ``model.generate()`` through :class:`GraphedDecodeStep`.
+
+    Applies when the step's cache is a :class:`PagedDMSCache` (after its prefill) or a shared-prefix
+    cache, the input is one token per row, gradients are off and no attentions / hidden states are
+    asked for; everything else runs the model's own forward (and first leaves static mode, so prompt
+    chunks of a multi-turn conversation and beam reorders work as before). ``model.generate()`` still
+    runs its own Python per step (logits processors, stopping criteria), but the model's step is one
+    graph replay. On CPU (or ``cuda_graph=False``) the static-mode steps run eagerly.
+    Returns the model; :func:`disable_graph_decoding` undoes it.
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1; got {horizon}")
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if getattr(model, "_dms_graph_original_forward", None) is None:
+        model._dms_graph_original_forward = model.forward
+    original = model._dms_graph_original_forward
+    model._dms_graph_settings = dict(horizon=int(horizon), cuda_graph=cuda_graph)
+
+    @functools.wraps(original)  # keeps the signature: generate() passes position_ids only if forward takes them
+    def forward(*args, **kwargs):
+        from .patching import dms_state
+
+        cache = kwargs.get("past_key_values")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        eligible = (
+            cache is not None and _supported_cache(cache) and ids is not None and ids.dim() == 2
+            and ids.shape[1] == 1 and kwargs.get("inputs_embeds") is None and not torch.is_grad_enabled()
+            and not model.training and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")
+            and dms_state(model).enabled and len(args) <= 1
+        )
+        if not eligible:
+            close_graph_step(cache)
+            return original(*args, **kwargs)
+        step = cache.__dict__.get("_dms_graph_step")
+        if step is not None and (step._ids is not None and step._ids.shape != ids.shape):
+            close_graph_step(cache)
+            step = None
+        if step is None:
+            step = GraphedDecodeStep(model, cache, forward=original, **model._dms_graph_settings)
+            cache._dms_graph_step = step
+        pos = kwargs.get("position_ids")
+        if pos is None:  # the next position of each row = its real tokens seen so far (padding excluded)
+            pos = _next_positions(cache)
+        logits = step(ids, pos[:, -1:])
+        return CausalLMOutputWithPast(logits=logits[:, None, :].clone(), past_key_values=cache)
+
+    model.forward = forward
+    return model
+
+
+def _next_positions(cache) -> torch.Tensor:
+    layer = cache.layers[0]
+    if isinstance(cache, PagedDMSCache):
+        return layer.seen[:, None].clone()
+    seen = layer.suffix.seen if layer.suffix is not None else layer.pseen.repeat_interleave(layer.samples)
+    return seen[:, None].clone()
+
+
+def disable_graph_decoding(model):
+    """Undo :func:`enable_graph_decoding` (open graph steps end when their cache is next used)."""
+    original = getattr(model, "_dms_graph_original_forward", None)
+    if original is not None:
+        model.forward = original
+        model._dms_graph_original_forward = None
+    return model

@@ -68,12 +68,15 @@ def load_retention_weights(model, path: str) -> int:
 
 
 def load(path: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         attention_impl: str | None = None, window: int | None = None, cache: str = "auto"):
+         attention_impl: str | None = None, window: int | None = None, cache: str = "auto",
+         cuda_graphs: bool = False):
     """Load a DMS checkpoint folder and return ``(model, tokenizer)`` in eval mode.
 
     ``model.generate()`` then prunes the KV cache live: a cache is created per call, ``cache="paged"``
     (:class:`dms.paged_cache.PagedDMSCache`), ``"reference"`` (:class:`dms.DMSCache`) or ``"auto"``
-    (paged on CUDA, reference elsewhere). Raises ValueError if the checkpoint has no DMS settings.
+    (paged on CUDA, reference elsewhere). ``cuda_graphs=True``: one-token steps on the paged cache are
+    replayed as CUDA graphs (:func:`dms.graphs.enable_graph_decoding`; eager static steps off CUDA).
+    Raises ValueError if the checkpoint has no DMS settings.
     """
     from .paged_cache import CACHE_KINDS
 
@@ -104,6 +107,10 @@ def load(path: str, device: str | torch.device | None = None, dtype: torch.dtype
     if device is not None:
         model.to(device)
     model.eval()
+    if cuda_graphs:
+        from .graphs import enable_graph_decoding
+
+        enable_graph_decoding(model)
     tokenizer = None
     with contextlib.suppress(Exception):
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -504,6 +504,25 @@ class PagedDMSCache(Cache):
         self.backend = backend
         super().__init__(layers=[PagedDMSCacheLayer(page_size, backend, prefill_chunk) for _ in range(num_layers)])
 
+    # batch operations change the layout: leave static (graph) decoding first (dms/graphs.py)
+    def reorder_cache(self, beam_idx):
+        from .graphs import close_graph_step
+
+        close_graph_step(self)
+        return super().reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices):
+        from .graphs import close_graph_step
+
+        close_graph_step(self)
+        return super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        from .graphs import close_graph_step
+
+        close_graph_step(self)
+        return super().batch_repeat_interleave(repeats)
+
     def dms_attend(self, layer_idx, query, key, value, logits, valid, window, scaling):
         if self.backend == "triton" and query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"PagedDMSCache(backend='triton') needs CUDA tensors; got {query.device}. "
@@ -512,6 +531,9 @@ class PagedDMSCache(Cache):
 
     def shrink(self):
         """Repack every layer's pool to its live pages (plus headroom); returns bytes allocated after."""
+        from .graphs import close_graph_step
+
+        close_graph_step(self)
         for l in self.layers:
             if l.is_initialized:
                 l._pack(*l._dense())
@@ -521,6 +543,9 @@ class PagedDMSCache(Cache):
         """Reference keys (tokens seen/held, memory CR overall/per layer/per head, bytes, peak, per call)
         plus ``bytes_allocated`` (pool capacity), ``bytes_live`` (held tokens), ``pages_in_use``,
         ``tokens_held_per_layer_head`` ([L][B][Hkv])."""
+        from .graphs import close_graph_step
+
+        close_graph_step(self)  # static decoding keeps no per-step history: end it so the peak is complete
         layers = [l for l in self.layers if l.is_initialized]
         if not layers:
             return {"tokens_seen": 0, "tokens_held": 0, "memory_cr": 1.0}

@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--fast", action="store_true",
                    help="dms.graphs.fast_generate: paged cache, decode steps replayed as CUDA graphs on CUDA "
                         "(greedy or sampling; not with --num-beams, --num-return-sequences or --chat)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="model.generate() with one-token steps replayed as CUDA graphs (dms.graphs."
+                        "enable_graph_decoding); works with every generation mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p.parse_args(argv)
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, tok = dms.load(args.checkpoint, device=device, dtype=args.dtype, window=args.window, cache=args.cache)
+        model, tok = dms.load(args.checkpoint, device=device, dtype=args.dtype, window=args.window, cache=args.cache,
+                              cuda_graphs=args.cuda_graphs)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

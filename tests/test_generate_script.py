@@ -30,13 +30,14 @@ def test_fast_equals_default_and_flags(tmp_path, tiny_base_factory, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9\nw5 w9 w12\n")
     outs = {}
-    for mode in ([], ["--fast"]):
+    for mode in ([], ["--fast"], ["--cuda-graphs"]):
         assert main([str(ckpt), "--prompt-file", str(prompts), "--max-new-tokens", "12", "--json",
                      "--device", "cpu", "--cache", "paged"] + mode) == 0
         text = capsys.readouterr().out
-        outs[bool(mode)] = json.loads(text.strip().splitlines()[-1]) if text.strip() else None
-    assert outs[True]["outputs"] == outs[False]["outputs"]
-    assert outs[True]["kv"]["tokens_held"] == outs[False]["kv"]["tokens_held"]
-    assert outs[True]["kv"]["memory_cr"] > 1.0  # the random retention heads evicted something
+        outs[" ".join(mode)] = json.loads(text.strip().splitlines()[-1]) if text.strip() else None
+    for mode in ("--fast", "--cuda-graphs"):
+        assert outs[mode]["outputs"] == outs[""]["outputs"], mode
+        assert outs[mode]["kv"]["tokens_held"] == outs[""]["kv"]["tokens_held"], mode
+    assert outs[""]["kv"]["memory_cr"] > 1.0  # the random retention heads evicted something
     assert main([str(ckpt), "--prompt", "w1", "--fast", "--num-beams", "2", "--device", "cpu"]) == 2
     assert "--fast" in capsys.readouterr().err

@@ -167,3 +167,51 @@ def test_shared_prefix_cache_static_steps_equal_teacher_forced(make_tiny_model, 
     torch.testing.assert_close(torch.stack(logits, 1), tf[:, ids.shape[1] - 1:-1], atol=ATOL, rtol=0)
     st = cache.stats()
     assert st["samples_per_prompt"] == W and st["memory_cr"] > 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generate_through_graph_decoding_equals_plain(make_tiny_model, randomize, family):
+    """model.generate() with enable_graph_decoding: greedy, sampling, beam search (reorders leave static mode),
+    multi-turn (a new prompt chunk leaves static mode) and num_return_sequences (shared prefix) unchanged."""
+    from dms.graphs import disable_graph_decoding, enable_graph_decoding
+
+    model = _model(make_tiny_model, randomize, family=family)
+    ids, am = _prompts()
+    kw = dict(attention_mask=am, max_new_tokens=12, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+    def run(**extra):
+        torch.manual_seed(11)
+        c = PagedDMSCache(model, page_size=16)
+        out = model.generate(ids, past_key_values=c, **{**kw, **extra})
+        return out, c
+
+    cases = [dict(do_sample=False), dict(do_sample=True, top_k=10), dict(do_sample=False, num_beams=2)]
+    plain = [run(**c) for c in cases]
+    torch.manual_seed(3)
+    shared_plain = model.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=True, num_return_sequences=3,
+                                  pad_token_id=0)
+    enable_graph_decoding(model, horizon=5, cuda_graph=CUDA)
+    try:
+        for (ref, ref_cache), c in zip(plain, cases):
+            out, cache = run(**c)
+            assert torch.equal(out.sequences, ref.sequences), c
+            torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), atol=ATOL, rtol=0)
+            assert cache.stats()["tokens_held"] == ref_cache.stats()["tokens_held"]
+        # multi-turn on the cache that just decoded in static mode
+        out, cache = run(do_sample=False)
+        turn = torch.cat([out.sequences, torch.randint(3, 97, (3, 4), device=DEV)], 1)
+        am2 = torch.cat([am, torch.ones(3, turn.shape[1] - am.shape[1], dtype=am.dtype, device=DEV)], 1)
+        o2 = model.generate(turn, attention_mask=am2, past_key_values=cache, max_new_tokens=6, do_sample=False,
+                            pad_token_id=0)
+        torch.manual_seed(3)
+        shared = model.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=True, num_return_sequences=3,
+                                pad_token_id=0)
+    finally:
+        disable_graph_decoding(model)
+    ref_cache = PagedDMSCache(model, page_size=16)
+    r1 = model.generate(ids, attention_mask=am, past_key_values=ref_cache, max_new_tokens=12, do_sample=False,
+                        pad_token_id=0)
+    r2 = model.generate(turn, attention_mask=am2, past_key_values=ref_cache, max_new_tokens=6, do_sample=False,
+                        pad_token_id=0)
+    assert torch.equal(r1, out.sequences) and torch.equal(r2, o2)
+    assert torch.equal(shared, shared_plain)
