@@ -39,23 +39,32 @@ def _validate(q, k, v, log_keep, window, doc_ids, scale):
     return B, H, hkv, T, D
 
 
-def _prep(q, k, v, log_keep, doc_ids):
+def _prep(q, k, v, log_keep, doc_ids, bounds=None):
     from .triton_fwd import doc_bounds
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lk = log_keep.detach().float().contiguous()
-    docs = doc_bounds(doc_ids) if doc_ids is not None else None
-    return q, k, v, lk, docs
+    if bounds is None and doc_ids is not None:
+        bounds = doc_bounds(doc_ids)  # torch.unique + int(max): two host syncs
+    return q, k, v, lk, bounds
+
+
+def precompute_doc_bounds(doc_ids):
+    """``doc_bounds`` of ``doc_ids [B, T]`` to pass as ``dms_attention(..., doc_bounds=)`` to every layer
+    of one forward pass (computed once instead of once per layer)."""
+    from .triton_fwd import doc_bounds
+
+    return doc_bounds(doc_ids)
 
 
 class _DMSAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_keep, window, doc_ids, scale, has_dms):
+    def forward(ctx, q, k, v, log_keep, window, doc_ids, scale, has_dms, bounds=None):
         from .triton_fwd import bias_mma_enabled, dms_attention_fwd, split_log_keep
 
         lk_dtype = log_keep.dtype
         ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient (no extra pass)
-        q, k, v, lk, docs = _prep(q, k, v, log_keep, doc_ids)
+        q, k, v, lk, docs = _prep(q, k, v, log_keep, doc_ids, bounds)
         lk2 = split_log_keep(lk, scale, q.dtype) if has_dms and bias_mma_enabled() else None
         o, lse = dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms, lk2)
         doc_t = docs if docs is not None else ()
@@ -75,10 +84,10 @@ class _DMSAttention(torch.autograd.Function):
             do = torch.zeros_like(o)
         dq, dk, dv, dlk = dms_attention_bwd(do, q, k, v, lk, o, lse, ctx.window, docs, ctx.scale, ctx.has_dms, dlse, lk2)
         dlk = dlk.to(ctx.lk_dtype) if ctx.lk_dtype.is_floating_point else None
-        return dq, dk, dv, dlk, None, None, None, None
+        return dq, dk, dv, dlk, None, None, None, None, None
 
 
-def dms_attention(q, k, v, log_keep, window, doc_ids=None, scale=None, *, _has_dms: bool = True):
+def dms_attention(q, k, v, log_keep, window, doc_ids=None, scale=None, *, doc_bounds=None, _has_dms: bool = True):
     """Fused Triton DMS training attention (differentiable in q, k, v and log_keep).
 
     Args:
@@ -88,6 +97,7 @@ def dms_attention(q, k, v, log_keep, window, doc_ids=None, scale=None, *, _has_d
         window: keys with ``q - k <= window`` are fully visible; beyond, ``log_keep[k]`` is added.
         doc_ids: optional ``[B, T]`` integer document ids (no attention across different ids).
         scale: softmax scale, default ``D ** -0.5``.
+        doc_bounds: optional :func:`precompute_doc_bounds` of ``doc_ids``, shared by the layers of a forward.
         _has_dms: private; False drops the log_keep term (benchmark baseline with the same tiling).
 
     Returns:
@@ -95,7 +105,10 @@ def dms_attention(q, k, v, log_keep, window, doc_ids=None, scale=None, *, _has_d
     """
     _, _, _, _, D = _validate(q, k, v, log_keep, window, doc_ids, scale)
     scale = D ** -0.5 if scale is None else float(scale)
-    return _DMSAttention.apply(q, k, v, log_keep, int(window), doc_ids, scale, bool(_has_dms))
+    return _DMSAttention.apply(q, k, v, log_keep, int(window), doc_ids, scale, bool(_has_dms), doc_bounds)
+
+
+dms_attention.precompute_doc_bounds = precompute_doc_bounds  # dms.attention.ForwardPlan.attend looks for it
 
 
 @torch.no_grad()

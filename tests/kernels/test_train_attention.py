@@ -266,3 +266,19 @@ def test_grad_through_output_only():
     grads2 = torch.autograd.grad(o2.sum(), (q, k, v, lk))
     for n, a, b in zip(("dq", "dk", "dv", "dlog_keep"), grads, grads2):
         _check(n, a, b, torch.float32)
+
+
+def test_precomputed_doc_bounds_same_result():
+    """Bounds computed once per forward and passed to every layer == bounds computed inside each call."""
+    q, k, v, lk, _ = _inputs(2, 4, 2, 70, 16, torch.float32, seed=9)
+    doc = _docs(2, 70, 3, torch.Generator().manual_seed(9))
+    bounds = ta.precompute_doc_bounds(doc)
+    outs = []
+    for b in (None, bounds):
+        qq, kk, vv, ll = (t.detach().clone().requires_grad_(True) for t in (q, k, v, lk))
+        o, _ = ta.dms_attention(qq, kk, vv, ll, 8, doc, doc_bounds=b)
+        o.square().sum().backward()
+        outs.append([o.detach(), qq.grad, kk.grad, vv.grad, ll.grad])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert ta.dms_attention.precompute_doc_bounds is ta.precompute_doc_bounds
