@@ -8,10 +8,11 @@
 from .cache import DMSCache
 from .config import DMSConfig
 from .inference import load
-from .patching import SUPPORTED_FAMILIES, dms_disabled, dms_state, packed_documents, retention_parameters, retrofit
+from .patching import (SUPPORTED_FAMILIES, dms_disabled, dms_state, enable_gradient_checkpointing, packed_documents,
+                       retention_parameters, retrofit)
 
 __all__ = [
-    "DMSCache", "DMSConfig", "SUPPORTED_FAMILIES", "dms_disabled", "dms_state", "load",
+    "DMSCache", "DMSConfig", "SUPPORTED_FAMILIES", "dms_disabled", "dms_state", "enable_gradient_checkpointing", "load",
     "packed_documents", "retention_parameters", "retrofit",
 ]
 __version__ = "0.1.0"

@@ -73,7 +73,12 @@ def compression_loss(records: dict, target_fraction: float) -> tuple[torch.Tenso
     """
     if not records:
         raise RuntimeError("no DMS decisions were recorded: was the student forward run with DMS enabled?")
-    ev = sum(r["evicted"].sum() for r in records.values())
-    n = sum(r["count"] * r["evicted"].numel() for r in records.values())
-    frac = ev / n.clamp(min=1)
+    recs = list(records.values())
+    ev = torch.cat([r["evicted"].reshape(-1) for r in recs]).sum()  # two kernels, not two per layer
+    count = recs[0]["count"]
+    if all(r["count"] is count for r in recs):  # one forward: every layer shares the plan's count
+        n = count * sum(r["evicted"].numel() for r in recs)
+    else:
+        n = sum(r["count"] * r["evicted"].numel() for r in recs)
+    frac = ev / torch.as_tensor(n, device=ev.device).clamp(min=1)
     return F.relu(target_fraction - frac), frac.detach()

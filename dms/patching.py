@@ -6,6 +6,9 @@ What the patch does:
    ``layer.self_attn.dms_retention`` (adapter mode), or a hook on ``q_proj`` (q-neuron mode);
 3. hooks the top-level forward to capture the 2D padding mask and the cache;
 4. wraps ``generate`` so that a :class:`~dms.cache.DMSCache` is used unless the caller passes one.
+
+:func:`enable_gradient_checkpointing` is the activation checkpointing to use with a retrofitted model
+(transformers' own does not re-run the retention heads in the backward pass).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import types
 import torch
 from transformers import AttentionInterface
 
-from .attention import DMSState, dms_attention_forward
+from .attention import DMSState, ForwardPlan, dms_attention_forward
 from .config import DMSConfig
 from .heads import AdapterRetentionHead
 
@@ -67,7 +70,10 @@ def _layer_prehook(layer, args, kwargs):
 
 def _make_q_hook(num_heads: int, num_kv_heads: int, head_dim: int, layer_granularity: bool):
     group = num_heads // num_kv_heads
-    heads = [0] if layer_granularity else list(range(0, num_heads, group))
+    # the first query head of each GQA group (or head 0 for one decision per layer), as a slice: no
+    # index tensor to copy to the device (a host sync per layer) on every call
+    heads = slice(0, 1) if layer_granularity else slice(0, num_heads, group)
+    masks: dict = {}  # (device, dtype) -> [H, D] mask, built once
 
     def hook(q_proj, args, out):
         attn = q_proj._dms_attn()
@@ -75,10 +81,11 @@ def _make_q_hook(num_heads: int, num_kv_heads: int, head_dim: int, layer_granula
         if not state.enabled:
             return None
         q = out.view(*out.shape[:-1], num_heads, head_dim)
-        idx = torch.tensor(heads, device=out.device)
-        attn._dms_z = q[..., idx, head_dim - 1].float()  # [B, T, Hkv or 1], read before RoPE
-        mask = torch.ones(num_heads, head_dim, dtype=out.dtype, device=out.device)
-        mask[idx, head_dim - 1] = 0  # that channel no longer takes part in attention
+        attn._dms_z = q[..., heads, head_dim - 1].float()  # [B, T, Hkv or 1], read before RoPE
+        mask = masks.get((out.device, out.dtype))
+        if mask is None:
+            mask = masks[(out.device, out.dtype)] = torch.ones(num_heads, head_dim, dtype=out.dtype, device=out.device)
+            mask[heads, head_dim - 1] = 0  # that channel no longer takes part in attention
         return (q * mask).view_as(out)
 
     return hook
@@ -90,6 +97,13 @@ def _model_prehook(model, args, kwargs):
     state.attention_mask = bound.get("attention_mask")
     state.cache = bound.get("past_key_values")
     state.records = {}
+    state.plan = None  # built on first use by the layers (masks shared by all layers of this forward)
+    if state.enabled and state.cache is None and model.training:
+        src = bound.get("input_ids")
+        src = src if src is not None else bound.get("inputs_embeds")
+        if src is not None:  # training step: draw every layer's Gumbel noise now, in one call
+            plan = state.plan = ForwardPlan(state, src.shape[0], src.shape[1], src.device)
+            plan.noise(0, 1 if state.config.granularity == "layer" else state.num_kv_heads)
     return None
 
 
@@ -200,6 +214,68 @@ def packed_documents(model, doc_ids: torch.Tensor | None):
         yield
     finally:
         state.doc_ids = prev
+
+
+def enable_gradient_checkpointing(model):
+    """Activation checkpointing per decoder layer of a retrofitted model (use it instead of
+    ``model.gradient_checkpointing_enable()``).
+
+    transformers' own checkpointing re-runs only ``layer.forward`` in the backward pass, not the
+    layer's forward pre-hooks, and the adapter retention head runs in such a hook: the recomputed
+    attention would find no eviction logits. Here the checkpointed function runs the pre-hooks and
+    then the forward (non-reentrant), with the DMS state of the first pass replayed: documents, padding
+    mask, on/off switch and the forward plan, whose Gumbel noise the recomputation therefore reuses
+    (the RNG state is replayed as well). Calling it twice is a no-op. Returns the model.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    replayed = ("doc_ids", "attention_mask", "cache", "plan")
+    for layer in decoder_layers(model):
+        if getattr(layer, "_dms_checkpointed", False):
+            continue
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False
+        forward = layer.forward
+
+        def wrapped(*args, _forward=forward, _layer=layer, **kwargs):
+            if not (_layer.training and torch.is_grad_enabled()):
+                return _forward(*args, **kwargs)
+            # a cache would be extended twice (first pass + recomputation); training needs none
+            for key in ("past_key_values", "past_key_value", "layer_past"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = None
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+
+            # the recomputation runs in backward, after packed_documents()/dms_disabled() have exited:
+            # replay the DMS state of the first pass
+            state = _layer.self_attn._dms_state
+            first = {k: getattr(state, k) for k in replayed}
+            enabled = state.config.enabled
+
+            def run(*a):
+                now = {k: getattr(state, k) for k in first}
+                now_enabled = state.config.enabled
+                for k, v in first.items():
+                    setattr(state, k, v)
+                state.config.enabled = enabled
+                try:
+                    for hid, hook in _layer._forward_pre_hooks.items():
+                        if hid in _layer._forward_pre_hooks_with_kwargs:
+                            hook(_layer, a, kwargs)
+                        else:
+                            hook(_layer, a)
+                    return _forward(*a, **kwargs)
+                finally:
+                    for k, v in now.items():
+                        setattr(state, k, v)
+                    state.config.enabled = now_enabled
+
+            return checkpoint(run, *args, use_reentrant=False)
+
+        layer.forward = wrapped
+        layer._dms_checkpointed = True
+    return model
 
 
 def retention_parameters(model):

@@ -10,18 +10,30 @@ def decision_cr(evicted_fraction: float) -> float:
 
 
 def decision_stats(records: dict) -> dict:
-    """Per-layer and per-head decision CR from ``DMSState.records`` of the last forward."""
+    """Per-layer and per-head decision CR from ``DMSState.records`` of the last forward.
+
+    All numbers cross to the host in one transfer (one device sync per call, not four per layer).
+    """
+    layers = sorted(records)
+    if not layers:
+        frac = 0.0
+        return {"evicted_fraction": frac, "decision_cr": decision_cr(frac), "decision_cr_per_layer": [],
+                "decision_cr_per_head": []}
+    evs = [records[l]["evicted"].detach().float().reshape(-1) for l in layers]
+    dev = evs[0].device
+    counts = [torch.as_tensor(records[l]["count"]).detach().float().reshape(1).to(dev) for l in layers]
+    flat = torch.cat(evs + counts).tolist()
+    sizes = [e.numel() for e in evs]
+    n_all = flat[sum(sizes):]
     per_layer, per_head = [], []
-    ev_total, n_total = 0.0, 0.0
-    for layer in sorted(records):
-        r = records[layer]
-        ev = r["evicted"].detach().float()
-        n = float(r["count"])
-        frac_heads = (ev / max(n, 1.0)).tolist()
-        per_head.append([decision_cr(f) for f in frac_heads])
-        per_layer.append(decision_cr(float(ev.mean()) / max(n, 1.0)))
-        ev_total += float(ev.sum())
-        n_total += n * ev.numel()
+    ev_total, n_total, off = 0.0, 0.0, 0
+    for size, n in zip(sizes, n_all):
+        ev = flat[off:off + size]
+        off += size
+        per_head.append([decision_cr(e / max(n, 1.0)) for e in ev])
+        per_layer.append(decision_cr(sum(ev) / size / max(n, 1.0)))
+        ev_total += sum(ev)
+        n_total += n * size
     frac = ev_total / max(n_total, 1.0)
     return {"evicted_fraction": frac, "decision_cr": decision_cr(frac), "decision_cr_per_layer": per_layer,
             "decision_cr_per_head": per_head}

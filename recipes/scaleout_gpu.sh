@@ -16,7 +16,7 @@ t0=$(date +%s)
 python3 -m dms.training.bench make-base $B > "$OUT/make_base.log" 2>&1 || { tail -20 "$OUT/make_base.log"; exit 1; }
 echo "base built $(( $(date +%s) - t0 ))s"
 CUDA_VISIBLE_DEVICES=1 python3 -m dms.training.bench step-time $B --seq-len 2048 --batch 2 --steps 5 \
-  --impls auto > "$OUT/step_time.log" 2>&1 &
+  --impls auto --modes distill,dms,distill_kernel,dms_noterm --out "$OUT/step_time.json" > "$OUT/step_time.log" 2>&1 &
 ST=$!
 CUDA_VISIBLE_DEVICES=0 $L --num_processes 1 --main_process_port 29501 train/retrofit.py --recipe $R $S \
   --output runs/bench/z3_1gpu > "$OUT/z3_1gpu.log" 2>&1
