@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .cache import DMSCache, DMSCacheLayer
+from .cache import DMSCacheLayer
 
 
 def _prefix_attention(query, keys, values, visible, scaling, samples, length=None):
@@ -142,6 +142,17 @@ class SuffixStore:
         self.pos[:, :, m:n] = -1
         self.evict[:, :, m:n] = False
         self.n = m
+
+
+def _dense_prefix(layer) -> DMSCacheLayer:
+    """A paged cache layer's held tokens in the reference layout ``[G, Hkv, S, D]`` (-1 = empty slot)."""
+    keys, values, pos, ev = layer._dense()
+    out = DMSCacheLayer()
+    out.keys, out.values, out.pos, out.evict = keys, values, pos.long(), ev
+    out.seen = layer.seen.clone()
+    out.columns = layer.columns
+    out.is_initialized = True
+    return out
 
 
 def merge_partials(o1, lse1, o2, lse2):
@@ -297,13 +308,20 @@ class SharedPrefixDMSCache(Cache):
 
     @classmethod
     @torch.no_grad()
-    def from_prompts(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, samples: int):
-        """Prefill ``input_ids [G, T]`` minus the last token once, and share it among ``samples`` samples."""
+    def from_prompts(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, samples: int,
+                     prefill_cache: str = "auto"):
+        """Prefill ``input_ids [G, T]`` minus the last token once, and share it among ``samples`` samples.
+
+        ``prefill_cache``: the cache the prompt is prefilled through, ``paged`` (Triton kernels on CUDA:
+        O(T) memory for long prompts), ``reference`` (fp32 PyTorch) or ``auto`` (paged on CUDA).
+        """
+        from .paged_cache import PagedDMSCache, make_cache
+
         if samples < 1:
             raise ValueError(f"samples must be >= 1; got {samples}")
         if input_ids.shape[1] < 2:
             raise ValueError("a shared prefix needs prompts of at least 2 tokens")
-        prefix_cache = DMSCache(model)
+        prefix_cache = make_cache(model, prefill_cache)
         am = attention_mask[:, :-1] if attention_mask is not None else None
         was = model.training
         model.eval()
@@ -314,7 +332,10 @@ class SharedPrefixDMSCache(Cache):
         model(input_ids=input_ids[:, :-1], attention_mask=am, position_ids=pos, past_key_values=prefix_cache,
               use_cache=True)
         model.train(was)
-        return cls([SharedPrefixLayer(layer, samples) for layer in prefix_cache.layers])
+        layers = prefix_cache.layers
+        if isinstance(prefix_cache, PagedDMSCache):
+            layers = [_dense_prefix(l) for l in layers]
+        return cls([SharedPrefixLayer(layer, samples) for layer in layers])
 
     def dms_attend(self, layer_idx, query, key, value, logits, valid, window, scaling):
         return self.layers[layer_idx].attend(query, key, value, logits, valid, window, scaling)
@@ -353,7 +374,7 @@ def maybe_generate_shared(model, original_generate, args, kwargs):
     if W <= 1 or beams > 1 or ids is None or ids.dim() != 2 or ids.shape[1] < 2 or kwargs.get("streamer"):
         return None
     am = kwargs.get("attention_mask")
-    cache = SharedPrefixDMSCache.from_prompts(model, ids, am, W)
+    cache = SharedPrefixDMSCache.from_prompts(model, ids, am, W, prefill_cache=getattr(model, "_dms_cache_kind", "auto"))
     kwargs = dict(kwargs)
     kwargs.pop("input_ids", None)
     kwargs["num_return_sequences"] = 1

@@ -92,3 +92,28 @@ def test_merge_partials_exact():
     torch.testing.assert_close(out, full)
     empty = merge_partials(torch.zeros(3, 4), torch.full((3,), float("-inf")), ob, torch.logsumexp(b, -1))
     torch.testing.assert_close(empty, ob)
+
+
+def test_prefix_prefilled_through_paged_cache_equals_reference(make_tiny_model, randomize):
+    """The prompt prefilled through the paged cache (the CUDA default) shares the same prefix as through the
+    reference cache: identical held keys and identical shared-prefix decode logits."""
+    model = _model(make_tiny_model, randomize, 2, 2)
+    torch.manual_seed(2)
+    ids = torch.randint(3, 97, (2, 15))
+    am = torch.ones(2, 15, dtype=torch.long)
+    am[0, :5] = 0
+    W = 2
+    caches = {k: SharedPrefixDMSCache.from_prompts(model, ids, am, W, prefill_cache=k) for k in ("paged", "reference")}
+    for a, b in zip(caches["paged"].layers, caches["reference"].layers):
+        for t in ("ppos", "pevict", "pseen"):
+            x, y = getattr(a, t), getattr(b, t)
+            assert x.shape == y.shape and torch.equal(x, y), t
+        held = a.ppos >= 0
+        torch.testing.assert_close(a.pk[held], b.pk[held], atol=ATOL, rtol=0)  # later layers: summation order
+    tok = ids[:, -1:].repeat_interleave(W, 0)
+    pos = (am.sum(-1, keepdim=True) - 1).repeat_interleave(W, 0)
+    outs = []
+    for k in ("paged", "reference"):
+        with torch.no_grad():
+            outs.append(model(tok, position_ids=pos, past_key_values=caches[k], use_cache=True).logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
