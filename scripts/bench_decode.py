@@ -453,8 +453,12 @@ def _dump(args, obj):
 
 
 def main(argv=None) -> int:
+    with torch.no_grad():  # inference only: no autograd graphs in any timed region (and none left behind)
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)  # inference only: no autograd graphs in any timed region
     if args.smoke:
         args.contexts, args.batches, args.layers, args.window, args.page_size, args.steps = "512", "1,2", 1, 16, 16, 2
         args.prefill_layers = 1
