@@ -19,6 +19,7 @@ the measured per-layer cost, and says so). Sections, each ratio from side-by-sid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -48,6 +49,13 @@ def parse_args(argv=None):
                         "(dense and ragged CR 8, batch 8, every context) and report the best settings")
     p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                    help="decode steps of the paged engine through dms.graphs (CUDA graphs; on by default on CUDA)")
+    p.add_argument("--real-model", default=None,
+                   help="also one row with a real retrofitted checkpoint (e.g. an export of train/retrofit.py or "
+                        "of scripts/bench_quality.py): its own retention decisions vs eviction off, same engine")
+    p.add_argument("--real-context", type=int, default=4096, help="prompt tokens for the --real-model row")
+    p.add_argument("--real-batch", type=int, default=8)
+    p.add_argument("--real-prompt-file", default=None,
+                   help="text for the --real-model prompts (tiled to --real-context); default random token ids")
     p.add_argument("--out", default="docs/results/decode.json")
     p.add_argument("--sections", default="kernel,e2e,prefill", help="comma list of kernel, e2e, prefill")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter check of the script)")
@@ -358,6 +366,61 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
     return model
 
 
+@contextlib.contextmanager
+def eviction_off(model):
+    """Same engine, nothing evicted: the eviction logit ``scale * z - offset`` is -inf for every token."""
+    import dms
+
+    cfg = dms.dms_state(model).config
+    old = cfg.alpha_offset
+    cfg.alpha_offset = float("inf")
+    try:
+        yield
+    finally:
+        cfg.alpha_offset = old
+
+
+def bench_real_model(args, dev, timer, rows):
+    """One decode row with a real retrofitted checkpoint: its own decisions vs eviction off (same engine)."""
+    import dms
+    from dms.paged_cache import PagedDMSCache
+
+    model, tok = dms.load(args.real_model, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None)
+    limit = int(getattr(model.config, "max_position_embeddings", args.real_context) or args.real_context)
+    ctx = min(args.real_context, limit - args.steps - 8)
+    B = args.real_batch
+    g = torch.Generator().manual_seed(3)
+    if args.real_prompt_file:
+        text = open(args.real_prompt_file).read()
+        base = tok(text, return_tensors="pt").input_ids[0]
+        if base.numel() == 0:
+            raise SystemExit(f"--real-prompt-file {args.real_prompt_file} tokenizes to nothing")
+        reps = -(-(ctx + B * 97) // base.numel())
+        base = base.repeat(reps)
+        ids = torch.stack([base[i * 97: i * 97 + ctx] for i in range(B)])  # B different windows of the text
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (B, ctx), generator=g)
+    ids = ids.to(dev)
+    res = {}
+    for name in ("dms", "no_evict"):
+        with (contextlib.nullcontext() if name == "dms" else eviction_off(model)):
+            cache = PagedDMSCache(model, page_size=args.page_size)
+            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            st = cache.stats()
+            nxt = torch.randint(0, model.config.vocab_size, (B, 1), generator=g).to(dev)
+            res[name] = dict(ms=time_paged_step(args, model, cache, nxt, ctx, timer), memory_cr=st["memory_cr"],
+                             bytes_live=st["bytes_live"], bytes_dense=st["bytes_dense"])
+            del cache
+    row = dict(section="real_model", checkpoint=args.real_model, layers=model.config.num_hidden_layers, context=ctx,
+               batch=B, prompt="text" if args.real_prompt_file else "random ids", dms_ms=res["dms"]["ms"],
+               no_evict_ms=res["no_evict"]["ms"], speedup_vs_no_evict=res["no_evict"]["ms"] / res["dms"]["ms"],
+               memory_cr=res["dms"]["memory_cr"], kv_live_fraction=res["dms"]["bytes_live"] / res["dms"]["bytes_dense"])
+    rows.append(row)
+    print(f"real model {args.real_model}: ctx={ctx} B={B} memory CR {row['memory_cr']:.2f}; step {row['dms_ms']:.2f} ms "
+          f"vs eviction off {row['no_evict_ms']:.2f} ms ({row['speedup_vs_no_evict']:.2f}x)", flush=True)
+    return row
+
+
 def calibrate_retention(model, evict_fraction, dev, T=2048):
     """Set each adapter head's bias so that a fraction ``evict_fraction`` of tokens is flagged evict."""
     import dms
@@ -492,6 +555,9 @@ def _main(argv=None) -> int:
             dms.retrofit(model, dms.DMSConfig(window=args.window))
         pre = bench_prefill(args, model, dev, timer, rows)
 
+    real = bench_real_model(args, dev, timer, rows) if args.real_model else {}
+    partial()
+
     big = max(args.ctxs)
     B8 = 8 if 8 in args.bs else args.bs[-1]
     k32 = kern.get((big, B8), {})
@@ -516,6 +582,8 @@ def _main(argv=None) -> int:
         fixed_memory_throughput_gain=fm.get("gain"),
         prefill_ratio_vs_dense=pb.get("ratio_vs_dense"),
         e2e_layers=e2e.get("layers"),
+        real_model_memory_cr=real.get("memory_cr"),
+        real_model_step_speedup_vs_no_evict=real.get("speedup_vs_no_evict"),
         cuda_graphs=args.cuda_graphs == "on" and dev.type == "cuda",
         copy_bandwidth_GBps=copy_bw / 1e9,
     )
