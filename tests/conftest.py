@@ -16,6 +16,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes of multi-process CPU work; skipped unless DMS_RUN_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    # CI (2 cores) runs every test but these; `DMS_RUN_SLOW=1 python3 -m pytest -m slow` runs them
+    if os.environ.get("DMS_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set DMS_RUN_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 FAMILIES = {
     # family: (config class name, extra kwargs)
     "llama": ("LlamaConfig", {}),

@@ -23,11 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from ..data import ResumableSampler, build_dataloader, build_packed_dataset, data_fingerprint
 from ..losses import chunked_distillation_kl, compression_loss
-from ..patching import decoder_stack, dms_disabled, dms_state, packed_documents, retention_parameters, retrofit
+from ..patching import (decoder_stack, dms_disabled, dms_state, enable_gradient_checkpointing, packed_documents,
+                        retention_parameters, retrofit)
 from ..schedule import CRSchedule
 from ..stats import decision_stats, memory_cr_from_mask
 from .checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 from .config import RetrofitConfig
+from .zero3 import frozen_teacher, gathered_student_state, param_residency, unsharded_lora_student
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,20 +50,26 @@ class DistillationModule(torch.nn.Module):
         self.kl_direction = kl_direction
         self.lora = lora
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:  # a frozen teacher never trains (no dropout), whatever wraps the module
+            self.teacher.eval()
+        return self
+
     def teacher_hidden(self, input_ids, doc_ids):
         with torch.no_grad():
             if self.teacher is not None:
                 with packed_documents(self.teacher, doc_ids), dms_disabled(self.teacher):
-                    return decoder_stack(self.teacher)(input_ids=input_ids).last_hidden_state
+                    return decoder_stack(self.teacher)(input_ids=input_ids, use_cache=False).last_hidden_state
             ctx = self.model.disable_adapter() if self.lora else _nullcontext()
             with ctx, packed_documents(self.model, doc_ids), dms_disabled(self.model):
-                return decoder_stack(self.model)(input_ids=input_ids).last_hidden_state
+                return decoder_stack(self.model)(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def forward(self, input_ids, doc_ids, target_fraction: float):
         mask = doc_ids >= 0
         t_hidden = self.teacher_hidden(input_ids, doc_ids)
         with packed_documents(self.model, doc_ids):
-            s_hidden = decoder_stack(self.model)(input_ids=input_ids).last_hidden_state
+            s_hidden = decoder_stack(self.model)(input_ids=input_ids, use_cache=False).last_hidden_state
         state = dms_state(self.model)
         lm_head = self.model.get_output_embeddings()
         t_head = self.teacher.get_output_embeddings() if self.teacher is not None else None
@@ -104,8 +112,7 @@ def prepare_student(cfg: RetrofitConfig, model):
     t = cfg.train
     teacher = None
     if t.trainable == "full":
-        teacher = copy.deepcopy(model).eval()
-        teacher.requires_grad_(False)
+        teacher = frozen_teacher(model, cfg)  # ZeRO-3: loaded partitioned again, not a copy of empty shards
         retrofit(teacher, copy.deepcopy(cfg.dms))  # same attention path; always run with DMS off
     dms_cfg = copy.deepcopy(cfg.dms)
     dms_cfg.eps = float(getattr(model.config, "rms_norm_eps", dms_cfg.eps))
@@ -132,67 +139,14 @@ def prepare_student(cfg: RetrofitConfig, model):
     for p in params:
         p.requires_grad_(True)
     if cfg.model.gradient_checkpointing:
-        enable_layer_checkpointing(model)
+        enable_gradient_checkpointing(model)
     if not params:
         raise ValueError(f"nothing to train with trainable={t.trainable!r} and retention={cfg.dms.retention!r}")
     return model, teacher, params, lora
 
 
-def enable_layer_checkpointing(model):
-    """Activation checkpointing per decoder layer that also recomputes the retention heads.
-
-    transformers' own checkpointing re-runs only ``layer.forward`` in the backward pass, not the
-    layer's forward pre-hooks, and the adapter retention head runs in such a hook (dms.patching):
-    the recomputed attention would find no eviction logits. Here the checkpointed function runs
-    the pre-hooks and then the forward (non-reentrant; the RNG state is replayed, so the Gumbel
-    noise of the recomputation equals the first pass).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    from ..patching import decoder_layers
-
-    for layer in decoder_layers(model):
-        if getattr(layer, "gradient_checkpointing", False):
-            layer.gradient_checkpointing = False
-        forward = layer.forward
-
-        def wrapped(*args, _forward=forward, _layer=layer, **kwargs):
-            if not (_layer.training and torch.is_grad_enabled()):
-                return _forward(*args, **kwargs)
-            # a cache would be extended twice (first pass + recomputation); training needs none
-            for key in ("past_key_values", "past_key_value", "layer_past"):
-                if kwargs.get(key) is not None:
-                    kwargs[key] = None
-            if kwargs.get("use_cache"):
-                kwargs["use_cache"] = False
-
-            # the recomputation runs in backward, after packed_documents()/dms_disabled() have exited:
-            # replay the DMS state of the first pass (documents, padding mask, on/off)
-            state = _layer.self_attn._dms_state
-            first = {k: getattr(state, k) for k in ("doc_ids", "attention_mask", "cache")}
-            enabled = state.config.enabled
-
-            def run(*a):
-                now = {k: getattr(state, k) for k in first}
-                now_enabled = state.config.enabled
-                for k, v in first.items():
-                    setattr(state, k, v)
-                state.config.enabled = enabled
-                try:
-                    for hid, hook in _layer._forward_pre_hooks.items():
-                        if hid in _layer._forward_pre_hooks_with_kwargs:
-                            hook(_layer, a, kwargs)
-                        else:
-                            hook(_layer, a)
-                    return _forward(*a, **kwargs)
-                finally:
-                    for k, v in now.items():
-                        setattr(state, k, v)
-                    state.config.enabled = now_enabled
-
-            return checkpoint(run, *args, use_reentrant=False)
-
-        layer.forward = wrapped
+# Activation checkpointing that also recomputes the retention heads lives in the library now.
+enable_layer_checkpointing = enable_gradient_checkpointing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,6 +628,7 @@ def _run(cfg, acc, preempt, log, tqdm, set_seed) -> dict:
                 it = iter(loader)
                 batch = next(it)
             samples.extend(int(i) for i in batch["index"])
+            n_tok = int((batch["doc_ids"] >= 0).sum())  # on the host copy: no device sync
             ids = batch["input_ids"].to(acc.device)
             docs = batch["doc_ids"].to(acc.device)
             with acc.accumulate(module):
@@ -685,7 +640,6 @@ def _run(cfg, acc, preempt, log, tqdm, set_seed) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum = loss_sum + loss.detach().float() / t.grad_accum
-            n_tok = int((docs >= 0).sum())
             tokens += n_tok * acc.num_processes
             tok_window += n_tok * acc.num_processes
         step += 1
@@ -693,8 +647,11 @@ def _run(cfg, acc, preempt, log, tqdm, set_seed) -> dict:
         step_loss = acc.reduce(loss_sum, reduction="mean") if acc.num_processes > 1 else loss_sum
         per_rank = gather_object(samples) if acc.num_processes > 1 else samples
         per_rank = [per_rank[r * len(samples):(r + 1) * len(samples)] for r in range(acc.num_processes)]
-        row = {"step": step, "loss": float(step_loss), "rank0_loss": float(loss_sum), "kl": float(kl.detach()),
-               "compression_loss": float(comp.detach()), "target_cr": schedule.cr(step - 1),
+        # one device->host transfer for the logged scalars (each float() would be a sync of its own)
+        step_loss, rank0_loss, kl_v, comp_v = torch.stack(
+            [step_loss.float(), loss_sum, kl.detach().float(), comp.detach().float()]).tolist()
+        row = {"step": step, "loss": step_loss, "rank0_loss": rank0_loss, "kl": kl_v,
+               "compression_loss": comp_v, "target_cr": schedule.cr(step - 1),
                "decision_cr": stats["decision_cr"], "lr": _lr_at(step - 1, cfg),
                "elapsed_s": time.time() - t0, "tokens": tokens, "samples": per_rank}
         history.append(row)
@@ -748,9 +705,10 @@ def _run(cfg, acc, preempt, log, tqdm, set_seed) -> dict:
                "eval": metrics, "train_seconds": train_seconds, "tokens_per_s": tokens / max(train_seconds, 1e-9),
                "data": cfg.data.source or "built-in default corpus", "trainable": t.trainable,
                "world_size": acc.num_processes, "zero_stage": _zero_stage(acc)}
+    summary["param_residency"] = param_residency(unwrapped, acc)  # collective; per rank, elements held there
     full_state = None
     if _zero_stage(acc) == 3:  # collective: every rank takes part in gathering the partitioned weights
-        full_state = acc.get_state_dict(module)
+        full_state = gathered_student_state(module, t.trainable)
     if acc.is_main_process:
         export_dir = export(unwrapped, tok, out / "export", cfg, summary, lora, full_state)
         summary["export"] = str(export_dir)
@@ -832,6 +790,8 @@ def export(module: DistillationModule, tokenizer, folder: Path, cfg: RetrofitCon
     Written to a temporary folder and renamed, so a crash never leaves a half export in place.
     """
     model = module.model
+    if lora and full_state is not None:  # ZeRO-3: merge in a plain copy holding the gathered weights
+        model, full_state = unsharded_lora_student(cfg, summary["base_model"], full_state), None
     if lora:
         model = model.merge_and_unload()
     tmp = folder.parent / (folder.name + ".tmp")

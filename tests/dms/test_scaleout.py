@@ -187,3 +187,20 @@ def test_gradient_checkpointing_same_losses(base, tmp_path):
     run_retrofit(RetrofitConfig.from_dict(d), log=_quiet)
     a, b = _losses(tmp_path / "plain"), _losses(tmp_path / "gc")
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in a), (a, b)
+
+
+def test_frozen_teacher_stays_in_eval_mode(make_tiny_model):
+    """The full fine-tune teacher: a frozen copy that `module.train()` (DDP/DeepSpeed wrappers) never flips."""
+    from dms.training.config import RetrofitConfig
+    from dms.training.loop import DistillationModule
+    from dms.training.zero3 import frozen_teacher, is_zero3_partitioned, local_numel
+
+    model = make_tiny_model("llama")
+    cfg = RetrofitConfig.from_dict({"train": {"trainable": "full"}})
+    teacher = frozen_teacher(model, cfg)
+    assert teacher is not model and not is_zero3_partitioned(teacher)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    module = DistillationModule(model, teacher).train()
+    assert module.model.training and not module.teacher.training
+    n = sum(p.numel() for p in model.parameters())
+    assert local_numel(teacher) == {"numel": n, "local": n} and local_numel(None) == {"numel": 0, "local": 0}
