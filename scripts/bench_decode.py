@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--real-batch", type=int, default=8)
     p.add_argument("--real-prompt-file", default=None,
                    help="text for the --real-model prompts (tiled to --real-context); default random token ids")
+    p.add_argument("--plot", default=None, help="also write a PNG: decode-step time per context and batch, "
+                                                 "CR 8 vs eviction off vs transformers, and kernel bandwidth")
     p.add_argument("--out", default="docs/results/decode.json")
     p.add_argument("--sections", default="kernel,e2e,prefill", help="comma list of kernel, e2e, prefill")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter check of the script)")
@@ -509,6 +511,43 @@ def _bench_prefill(args, model, dev, timer, rows):
     return out
 
 
+def plot(rows, path):
+    """Two panels: e2e decode-step ms per (context, batch) for the three engines; kernel bandwidth fractions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e = [r for r in rows if r["section"] == "e2e_step"]
+    kern = [r for r in rows if r["section"] == "kernel"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax = axes[0]
+    ctx_label = lambda c: f"{c // 1024}K" if c >= 1024 else str(c)  # noqa: E731
+    labels = [f"{ctx_label(r['context'])}/b{r['batch']}" for r in e2e]
+    x = list(range(len(e2e)))
+    for i, (key, name) in enumerate((("cr8_ms", "DMS CR 8 (paged)"), ("dense_same_engine_ms", "eviction off (same engine)"),
+                                     ("transformers_sdpa_ms", "transformers SDPA"))):
+        ax.bar([v + (i - 1) * 0.27 for v in x], [r.get(key) or 0 for r in e2e], width=0.27, label=name)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("decode step, ms")
+    ax.set_title(f"one decode step, layers: {e2e[0]['layers'] if e2e else '?'}")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    labels = [f"{ctx_label(r['context'])}/b{r['batch']}" for r in kern]
+    x = list(range(len(kern)))
+    ax.bar([v - 0.2 for v in x], [r["dense_bw_fraction"] for r in kern], width=0.4, label="dense")
+    ax.bar([v + 0.2 for v in x], [r["cr8_bw_fraction"] for r in kern], width=0.4, label="ragged CR 8")
+    ax.axhline(0.8, color="k", lw=0.8, ls="--")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("live KV bytes / time / copy bandwidth")
+    ax.set_title("decode-attention kernel bandwidth")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _dump(args, obj):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
@@ -604,6 +643,8 @@ def _main(argv=None) -> int:
                "model with retention heads calibrated to CR 8 vs never evicting."),
     )
     _dump(args, result)
+    if args.plot:
+        plot(rows, args.plot)
     print(json.dumps(summary, indent=1))
     return 0
 

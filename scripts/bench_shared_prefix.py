@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
     p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                    help="DMS decode steps (shared and per-sample) replayed as CUDA graphs (dms.graphs)")
+    p.add_argument("--plot", default=None, help="also write a PNG: decode-step ms vs samples W per prompt length")
     p.add_argument("--out", default="docs/results/shared_prefix.json")
     return p.parse_args(argv)
 
@@ -292,7 +293,38 @@ def main(argv=None) -> int:
               f"{f(r.get('dense_ms'))} | {f(ratio(r.get('per_sample_dms_ms'), r.get('shared_ms')))} | "
               f"{f(ratio(r.get('dense_ms'), r.get('shared_ms')))} |")
     print(json.dumps(summary, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
     return 0
+
+
+def plot(rows, path):
+    """Decode-step ms vs W, one panel per prompt length: shared prefix, per-sample DMS copies, dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = sorted({r["prompt"] for r in rows})
+    fig, axes = plt.subplots(1, len(prompts), figsize=(4.2 * len(prompts), 3.8), squeeze=False)
+    for ax, P in zip(axes[0], prompts):
+        rs = sorted((r for r in rows if r["prompt"] == P), key=lambda r: r["samples"])
+        W = [r["samples"] for r in rs]
+        for key, name in (("shared_ms", "shared prefix (DMS)"), ("per_sample_dms_ms", "per-sample DMS copies"),
+                          ("dense_ms", "dense (transformers)")):
+            pts = [(w, r.get(key)) for w, r in zip(W, rs) if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("samples W")
+        ax.set_ylabel("decode step, ms")
+        ax.set_title(f"prompt {P}")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

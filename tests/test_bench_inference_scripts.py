@@ -22,7 +22,8 @@ def _pos(x):
 
 def test_bench_decode_smoke_all_sections(tmp_path):
     out = tmp_path / "decode.json"
-    assert decode.main(["--smoke", "--out", str(out)]) == 0
+    assert decode.main(["--smoke", "--out", str(out), "--plot", str(tmp_path / "decode.png")]) == 0
+    assert (tmp_path / "decode.png").stat().st_size > 1000
     res = json.loads(out.read_text())
     s = res["summary"]
     for k in DECODE_KEYS:
@@ -44,7 +45,8 @@ def test_bench_decode_sections_subset_and_bad_section(tmp_path):
 
 def test_bench_shared_prefix_tiny(tmp_path):
     out = tmp_path / "sp.json"
-    assert shared.main(["--tiny", "--out", str(out)]) == 0
+    assert shared.main(["--tiny", "--out", str(out), "--plot", str(tmp_path / "sp.png")]) == 0
+    assert (tmp_path / "sp.png").stat().st_size > 1000
     res = json.loads(out.read_text())
     s = res["summary"]
     for k in ("speedup_vs_per_sample_w64_16k", "speedup_vs_dense_w64_16k", "step_bound_speedup_vs_per_sample_w64_16k"):
