@@ -102,8 +102,16 @@ def build_model_and_tokenizer(cfg: RetrofitConfig, is_main: bool = True):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     if tok.pad_token is None:  # many base tokenizers ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=_dtype(cfg.model.dtype) or "auto", trust_remote_code=cfg.model.trust_remote_code)
+    from transformers import AutoConfig
+
+    from ..inference import _quiet_transformers
+
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    # a DMS checkpoint's retention weights are "unexpected" to the base class: prepare_student loads them
+    quiet = _quiet_transformers() if _checkpoint_dms_config(hf_config) is not None else _nullcontext()
+    with quiet:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_dtype(cfg.model.dtype) or "auto", trust_remote_code=cfg.model.trust_remote_code)
     return model, tok, path
 
 
@@ -116,7 +124,22 @@ def prepare_student(cfg: RetrofitConfig, model):
         retrofit(teacher, copy.deepcopy(cfg.dms))  # same attention path; always run with DMS off
     dms_cfg = copy.deepcopy(cfg.dms)
     dms_cfg.eps = float(getattr(model.config, "rms_norm_eps", dms_cfg.eps))
+    warm = _checkpoint_dms_config(model.config)  # the base is itself a DMS checkpoint (ours or NVIDIA's)
+    if warm is not None:
+        if (warm.retention, warm.granularity) != (dms_cfg.retention, dms_cfg.granularity):
+            raise ValueError(
+                f"{cfg.model.name_or_path} is a DMS checkpoint with retention={warm.retention!r}, granularity="
+                f"{warm.granularity!r}; this run asks for retention={dms_cfg.retention!r}, granularity="
+                f"{dms_cfg.granularity!r}: pass --retention {warm.retention} --granularity {warm.granularity}")
+        # its retention heads were trained with its own logit scale and offset: keep them
+        dms_cfg.alpha_scale, dms_cfg.alpha_offset = warm.alpha_scale, warm.alpha_offset
     retrofit(model, dms_cfg)
+    if warm is not None and dms_cfg.retention == "adapter" and cfg.model.name_or_path:
+        from ..inference import load_retention_weights
+
+        if load_retention_weights(model, cfg.model.name_or_path) == 0:
+            raise ValueError(f"{cfg.model.name_or_path} declares DMS adapter retention heads but holds no "
+                             "dms_retention / dms_proj_alpha weights")
     model.requires_grad_(False)
     lora = False
     if t.trainable == "adapter":
@@ -143,6 +166,17 @@ def prepare_student(cfg: RetrofitConfig, model):
     if not params:
         raise ValueError(f"nothing to train with trainable={t.trainable!r} and retention={cfg.dms.retention!r}")
     return model, teacher, params, lora
+
+
+def _checkpoint_dms_config(hf_config):
+    """The DMS settings a loaded base carries (a retrofitted export or NVIDIA's format), else None.
+
+    Continuing from such a checkpoint keeps its retention heads instead of starting them from zero."""
+    from ..config import DMSConfig
+
+    if not (isinstance(getattr(hf_config, "dms", None), dict) or getattr(hf_config, "dms_window_size", None) is not None):
+        return None
+    return DMSConfig.from_hf_config(hf_config)
 
 
 # Activation checkpointing that also recomputes the retention heads lives in the library now.
@@ -771,7 +805,8 @@ def _check_topology(saved: dict, now: dict, folder: Path):
         raise CheckpointError(
             f"cannot resume {folder} exactly: {detail}. To continue this run: {'; '.join(hint)}. "
             "To change the topology instead, export the model from the last checkpoint (finish or SIGTERM the run "
-            "under the old topology) and start a new run from the export with another --output")
+            "under the old topology) and start a new run with --model <that export> and another --output: the "
+            "export's retention heads are kept (add --cr-warmup-steps 0 to keep the target CR from the start)")
 
 
 def _flat_hparams(cfg: RetrofitConfig) -> dict:

@@ -204,3 +204,32 @@ def test_frozen_teacher_stays_in_eval_mode(make_tiny_model):
     assert module.model.training and not module.teacher.training
     n = sum(p.numel() for p in model.parameters())
     assert local_numel(teacher) == {"numel": n, "local": n} and local_numel(None) == {"numel": 0, "local": 0}
+
+
+def test_new_run_from_dms_export_keeps_retention_heads(base, tmp_path):
+    """--model <a DMS export>: the retention heads continue from the export (not from zero), with its logit
+    scale/offset; a different retention type is refused with the flags to pass."""
+    from safetensors.torch import load_file
+
+    from dms.training.loop import build_model_and_tokenizer, prepare_student
+
+    res = run_retrofit(_cfg(base, tmp_path / "a", steps=3), log=_quiet)
+    export = Path(res["export"])
+    saved = {k: v for f in export.glob("*.safetensors") for k, v in load_file(str(f)).items() if "dms_retention" in k}
+    assert saved and any(v.abs().sum() > 0 for v in saved.values())  # trained, not the zero init
+    cfg = RetrofitConfig.from_dict({"model": {"name_or_path": str(export)},
+                                    "data": {"source": str(base / "data.jsonl"), "seq_len": 48},
+                                    "dms": {"window": 4, "alpha_offset": 1.0}, "train": {"output": str(tmp_path / "b")}})
+    model, _, _ = build_model_and_tokenizer(cfg)
+    model, _, _, _ = prepare_student(cfg, model)
+    got = {n: p for n, p in model.named_parameters() if "dms_retention" in n}
+    for k, v in saved.items():
+        name = k[len("model."):] if k.startswith("model.") and k not in got else k
+        assert torch.equal(got[name].detach().float(), v.float()), k
+    ref = dms.DMSConfig.from_hf_config(model.config)
+    assert dms.dms_state(model).config.alpha_offset == ref.alpha_offset != 1.0  # the export's, not the flag's
+    bad = RetrofitConfig.from_dict({**cfg.to_dict(), "dms": {"window": 4, "retention": "q_neuron"},
+                                    "train": {"output": str(tmp_path / "c"), "trainable": "full"}})
+    model, _, _ = build_model_and_tokenizer(bad)
+    with pytest.raises(ValueError, match="--retention adapter"):
+        prepare_student(bad, model)
