@@ -165,10 +165,18 @@ def _wrap_generate(model):
         from .cache import DMSCache
 
         shared = kwargs.pop("dms_shared_prefix", True)
+        system_len = kwargs.pop("dms_system_len", None)
+        if system_len is not None and (not shared or kwargs.get("past_key_values") is not None
+                                       or not self._dms_state.enabled):
+            raise ValueError(f"dms_system_len={system_len} shares a system prompt through the shared-prefix cache: "
+                             "it cannot be combined with dms_shared_prefix=False, your own past_key_values or "
+                             "DMS disabled; drop dms_system_len")
         if self._dms_state.enabled and kwargs.get("past_key_values") is None:
             if shared:  # W samples of a prompt share one copy of its pruned KV (dms/shared_prefix.py)
                 from .shared_prefix import maybe_generate_shared
 
+                if system_len is not None:
+                    kwargs["dms_system_len"] = system_len
                 out = maybe_generate_shared(self, original, args, kwargs)
                 if out is not None:
                     return out

@@ -14,8 +14,21 @@ same tokens decide), so a prefix token evicted by them is gone for all samples o
 window. The last prompt token is the one exception: its decision is made by each sample's first
 generated token, so it is not part of the shared prefix but of every sample's suffix.
 
+Hierarchical sharing (``system_len=P0``): when the ``G`` prompts start with the same system prompt of
+``P0`` real tokens, a third level holds ONE copy of the system part shared by all ``G * W`` rows. Only
+system tokens whose visibility is the same for every row at every decode step go there: position
+``p < min(P0 - 1, S - 1, S - window)`` (``S`` = the shortest prompt's length minus one = the first decode
+position of that prompt). Their decisions are made by system tokens (identical across prompts) during
+the prefill, and every decode query ``q >= S`` is more than ``window`` past them, so an evicted one is
+already gone for every row and a kept one is visible to every row: the level is read-only. The rest
+of the system prompt (the last system token's decision depends on each prompt's first user token,
+and tokens within ``window`` of a decode query are visible or not depending on the prompt's length)
+stays in each prompt's own level. A decode step then merges three exact partial attentions: system
+level (one group of all ``G * W`` queries), prompt level (``W`` queries per prompt), suffix.
+
 ``model.generate(..., num_return_sequences=W)`` of a retrofitted model uses this automatically for
-sampling (not beam search); ``dms_shared_prefix=False`` turns it off.
+sampling (not beam search); ``dms_shared_prefix=False`` turns it off; ``dms_system_len=P0`` adds the
+system level.
 """
 from __future__ import annotations
 
@@ -155,14 +168,55 @@ def _dense_prefix(layer) -> DMSCacheLayer:
     return out
 
 
-def merge_partials(o1, lse1, o2, lse2):
-    """Exact merge of two attention results over disjoint key sets: ``o [..., D]``, ``lse [...]``."""
+def _merge(o1, lse1, o2, lse2):
+    """Exact merge in fp32: ``(o, lse)`` of the union of two disjoint key sets (lse -inf: no key)."""
     m = torch.maximum(lse1, lse2)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
-    den = (w1 + w2).clamp(min=1e-30)
-    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / den[..., None]
-    return out.to(o1.dtype)
+    tot = w1 + w2
+    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / tot.clamp(min=1e-30)[..., None]
+    return out, m + torch.log(tot)
+
+
+def merge_partials(o1, lse1, o2, lse2):
+    """Exact merge of two attention results over disjoint key sets: ``o [..., D]``, ``lse [...]``."""
+    return _merge(o1, lse1, o2, lse2)[0].to(o1.dtype)
+
+
+def _select(keys, values, pos, evict, keep):
+    """The entries ``keep [B, Hkv, S]`` of a reference-layout cache, compacted to the front (order kept)."""
+    n = keep.sum(-1)
+    S = int(n.max()) if n.numel() else 0
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :S]
+    keys = torch.gather(keys, 2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
+    values = torch.gather(values, 2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
+    keep_s = torch.gather(keep, 2, order)
+    pos = torch.gather(pos, 2, order).masked_fill(~keep_s, -1)
+    evict = torch.gather(evict, 2, order) & keep_s
+    return keys, values, pos, evict
+
+
+def split_system(prefix: DMSCacheLayer, cutoff: int):
+    """Move the entries at positions ``< cutoff`` (the same in every row) out of ``prefix`` into one copy.
+
+    Returns ``(system, agree)``: ``system = (keys, values, pos)`` of shape ``[1, Hkv, S0, ...]`` (row 0's
+    entries; pos -1 = empty slot) or None when empty, and ``agree [Hkv]``: heads whose rows all hold the
+    same positions below ``cutoff``. On a head where rows disagree (a decision that flipped between rows
+    by rounding: the rows' prefills ran in different batch columns) nothing moves, each row keeps its own.
+    ``prefix`` keeps the rest, compacted.
+    """
+    pos = prefix.pos
+    below = (pos >= 0) & (pos < cutoff)
+    dead = below & prefix.evict  # evicted and more than `window` behind every decode query: gone for all rows
+    low = below & ~prefix.evict  # kept: visible to every decode query of every row
+    low_pos = torch.where(low, pos, torch.full_like(pos, -1)).sort(-1).values  # [G, Hkv, S]
+    agree = (low_pos == low_pos[:1]).all(-1).all(0)  # [Hkv]
+    move = low & agree[None, :, None]
+    sk, sv, spos, _ = _select(prefix.keys[:1], prefix.values[:1], pos[:1], prefix.evict[:1], move[:1])
+    prefix.keys, prefix.values, prefix.pos, prefix.evict = _select(
+        prefix.keys, prefix.values, pos, prefix.evict, (pos >= 0) & ~move & ~dead)
+    system = (sk, sv, spos) if spos.shape[-1] > 0 else None
+    return system, agree
 
 
 class SharedPrefixLayer(CacheLayerMixin):
@@ -170,9 +224,14 @@ class SharedPrefixLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, prefix: DMSCacheLayer, samples: int, compact_every: int = 32):
+    def __init__(self, prefix: DMSCacheLayer, samples: int, compact_every: int = 32, system=None):
         super().__init__()
         self.samples = samples
+        # system level (hierarchical sharing): [1, Hkv, S0, D] read-only, visible to every row; None: none
+        self.sk = self.sv = self.spos = self.svisible = None
+        if system is not None:
+            self.sk, self.sv, self.spos = system
+            self.svisible = self.spos >= 0
         self.pk, self.pv = prefix.keys, prefix.values  # [G, Hkv, S, D], one copy per prompt
         self.ppos, self.pevict = prefix.pos, prefix.evict
         self.pseen = prefix.seen  # [G]
@@ -257,7 +316,12 @@ class SharedPrefixLayer(CacheLayerMixin):
     def held_tokens(self) -> torch.Tensor:
         """``[G * W, Hkv]`` entries each sample can use (its group's shared prefix + its own suffix)."""
         pre = (self.ppos >= 0).sum(-1).repeat_interleave(self.samples, 0)
+        if self.svisible is not None:
+            pre = pre + self.svisible.sum(-1)
         return pre + (self.suffix.held_tokens() if self.suffix is not None else 0)
+
+    def system_held(self) -> int:
+        return 0 if self.svisible is None else int(self.svisible.sum())
 
     def attend(self, query, key, value, logits, valid, window: int, scaling: float) -> torch.Tensor:
         B, H, Tn, D = query.shape
@@ -285,6 +349,9 @@ class SharedPrefixLayer(CacheLayerMixin):
         visible = (self.ppos >= 0) & (self.ppos <= qpos[:, None, None]) & ~(
             self.pevict & ((qpos[:, None, None] - self.ppos) > window))
         o_p, lse_p = _prefix_attention(query, self.pk, self.pv, visible, scaling, W)
+        if self.sk is not None:  # one group: every row's queries against the single system copy
+            o_0, lse_0 = _prefix_attention(query, self.sk, self.sv, self.svisible, scaling, B)
+            o_p, lse_p = _merge(o_0, lse_0, o_p, lse_p)
         o_s, lse_s = self.suffix.attend(query, key, value, logits, window, scaling)
         self.columns += Tn
         self.steps += 1
@@ -293,11 +360,14 @@ class SharedPrefixLayer(CacheLayerMixin):
             self._static_left -= 1
         elif self.steps % self.compact_every == 0:  # prefix entries die only in the first `window` steps
             self._compact_prefix(self.suffix.seen[::W], window)  # seen has advanced: the next position
-        return merge_partials(o_p, lse_p, o_s, lse_s)
+        return merge_partials(o_p, lse_p, o_s, lse_s).to(query.dtype)
 
 
 class SharedPrefixDMSCache(Cache):
     """DMS cache for ``W`` samples per prompt with one shared copy of each prompt's pruned KV.
+
+    With ``system_len`` (a system prompt common to all prompts) a third level holds the part of the
+    system prompt that every row sees alike once for all rows (``stats()["system_prefix_bytes"]``).
 
     Build it with :meth:`from_prompts`; ``model.generate(num_return_sequences=W)`` does so itself.
     """
@@ -305,15 +375,19 @@ class SharedPrefixDMSCache(Cache):
     def __init__(self, layers: list[SharedPrefixLayer]):
         super().__init__(layers=layers)
         self.samples = layers[0].samples
+        self.system_len = 0  # system prompt length given to from_prompts (0: no system level)
+        self.system_cutoff = 0  # positions below this may be in the system level
 
     @classmethod
     @torch.no_grad()
     def from_prompts(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, samples: int,
-                     prefill_cache: str = "auto"):
+                     prefill_cache: str = "auto", system_len: int | None = None):
         """Prefill ``input_ids [G, T]`` minus the last token once, and share it among ``samples`` samples.
 
         ``prefill_cache``: the cache the prompt is prefilled through, ``paged`` (Triton kernels on CUDA:
         O(T) memory for long prompts), ``reference`` (fp32 PyTorch) or ``auto`` (paged on CUDA).
+        ``system_len``: the prompts start with the same ``system_len`` real tokens (after left padding);
+        the part of it that every row sees alike is held once for all ``G * samples`` rows (module doc).
         """
         from .paged_cache import PagedDMSCache, make_cache
 
@@ -321,6 +395,8 @@ class SharedPrefixDMSCache(Cache):
             raise ValueError(f"samples must be >= 1; got {samples}")
         if input_ids.shape[1] < 2:
             raise ValueError("a shared prefix needs prompts of at least 2 tokens")
+        if system_len is not None:
+            _check_system(input_ids, attention_mask, system_len)
         prefix_cache = make_cache(model, prefill_cache)
         am = attention_mask[:, :-1] if attention_mask is not None else None
         was = model.training
@@ -335,7 +411,21 @@ class SharedPrefixDMSCache(Cache):
         layers = prefix_cache.layers
         if isinstance(prefix_cache, PagedDMSCache):
             layers = [_dense_prefix(l) for l in layers]
-        return cls([SharedPrefixLayer(layer, samples) for layer in layers])
+        systems = [None] * len(layers)
+        cutoff = 0
+        if system_len:
+            from .patching import dms_state
+
+            window = dms_state(model).config.window
+            first_q = int(layers[0].seen.min())  # the earliest decode position of any row
+            # decided inside the system prompt during the prefill, and > window behind every decode query
+            cutoff = max(0, min(system_len - 1, first_q - 1, first_q - window))
+            if cutoff > 0:
+                systems = [split_system(layer, cutoff)[0] for layer in layers]
+        cache = cls([SharedPrefixLayer(layer, samples, system=sy) for layer, sy in zip(layers, systems)])
+        cache.system_len = system_len or 0
+        cache.system_cutoff = cutoff
+        return cache
 
     def dms_attend(self, layer_idx, query, key, value, logits, valid, window, scaling):
         return self.layers[layer_idx].attend(query, key, value, logits, valid, window, scaling)
@@ -343,6 +433,7 @@ class SharedPrefixDMSCache(Cache):
     def stats(self) -> dict:
         """Entries held (shared prefix counted once), per-sample view, and prefix bytes (constant in W)."""
         shared = sum(int((l.ppos >= 0).sum()) for l in self.layers)
+        system = sum(l.system_held() for l in self.layers)
         suffix = sum(int(l.suffix.held_tokens().sum()) for l in self.layers if l.suffix is not None)
         per_sample = sum(int(l.held_tokens().sum()) for l in self.layers)
         l0 = self.layers[0]
@@ -351,30 +442,67 @@ class SharedPrefixDMSCache(Cache):
         kv_seen = int(seen.sum()) * l0.pk.shape[1] * len(self.layers)
         return {
             "samples_per_prompt": self.samples,
-            "prefix_entries_held": shared,
+            "prefix_entries_held": shared,  # per-prompt level
+            "system_prefix_entries_held": system,  # system level, one copy for all rows
             "suffix_entries_held": suffix,
-            "tokens_held": shared + suffix,
+            "tokens_held": shared + system + suffix,
             "per_sample_entries_held": per_sample,
             "kv_entries_seen": kv_seen,
             "memory_cr": kv_seen / max(per_sample, 1),  # what each sample sees vs a dense per-sample cache
             "prefix_bytes": sum(l.pk.numel() + l.pv.numel() for l in self.layers) * l0.pk.element_size(),
-            "bytes_held": (shared + suffix) * bpe,
+            "system_len": self.system_len,
+            "system_prefix_bytes": sum(l.sk.numel() + l.sv.numel() for l in self.layers if l.sk is not None)
+            * l0.pk.element_size(),
+            "bytes_held": (shared + system + suffix) * bpe,
             "bytes_dense": kv_seen * bpe,
         }
 
 
+def _check_system(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, system_len: int):
+    """Every row's first ``system_len`` real tokens (left padding skipped) are the same; else ValueError."""
+    if isinstance(system_len, bool) or not isinstance(system_len, int) or system_len < 0:
+        raise ValueError(f"system_len must be an integer >= 0; got {system_len!r}")
+    G, T = input_ids.shape
+    am = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    real = am.sum(-1)
+    first = torch.where(real > 0, am.int().argmax(-1), torch.full_like(real, T))
+    if system_len > int(real.min()):
+        raise ValueError(f"system_len={system_len} is longer than the shortest prompt ({int(real.min())} real tokens)")
+    if system_len == 0:
+        return
+    idx = first[:, None] + torch.arange(system_len, device=input_ids.device)[None]
+    if not bool(torch.gather(am, 1, idx).all()):
+        raise ValueError(f"system_len={system_len}: the first {system_len} real tokens of each row must be "
+                         "contiguous (left padding only)")
+    sys_ids = torch.gather(input_ids, 1, idx)
+    bad = (sys_ids != sys_ids[:1]).any(-1).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"system_len={system_len}: the first {system_len} real tokens of prompt {int(bad[0])} "
+                         "differ from those of prompt 0 (the system prompt must be the same in every row)")
+
+
 def maybe_generate_shared(model, original_generate, args, kwargs):
-    """``generate`` through a shared-prefix cache when it applies; returns None to fall back."""
+    """``generate`` through a shared-prefix cache when it applies; returns None to fall back.
+
+    ``dms_system_len=P0`` (popped here): the prompts share a system prompt of ``P0`` tokens, held once.
+    """
+    system_len = kwargs.pop("dms_system_len", None)
     if not kwargs.pop("dms_shared_prefix", True):
         return None
     gc = kwargs.get("generation_config") or model.generation_config
     W = kwargs.get("num_return_sequences") or getattr(gc, "num_return_sequences", 1) or 1
     beams = kwargs.get("num_beams") or getattr(gc, "num_beams", 1) or 1
     ids = args[0] if args else kwargs.get("input_ids")
-    if W <= 1 or beams > 1 or ids is None or ids.dim() != 2 or ids.shape[1] < 2 or kwargs.get("streamer"):
+    if system_len is not None and (beams > 1 or kwargs.get("streamer")):
+        raise ValueError(f"dms_system_len={system_len} needs the shared-prefix cache, which does not do beam search "
+                         f"(num_beams={beams}) or streamers; drop dms_system_len")
+    if (W <= 1 and not system_len) or beams > 1 or kwargs.get("streamer"):
+        return None
+    if ids is None or ids.dim() != 2 or ids.shape[1] < 2:
         return None
     am = kwargs.get("attention_mask")
-    cache = SharedPrefixDMSCache.from_prompts(model, ids, am, W, prefill_cache=getattr(model, "_dms_cache_kind", "auto"))
+    cache = SharedPrefixDMSCache.from_prompts(model, ids, am, W, prefill_cache=getattr(model, "_dms_cache_kind", "auto"),
+                                              system_len=system_len)
     kwargs = dict(kwargs)
     kwargs.pop("input_ids", None)
     kwargs["num_return_sequences"] = 1
