@@ -16,11 +16,33 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
-class DMSCacheLayer(CacheLayerMixin):
+class DMSLayerProtocol(CacheLayerMixin):
+    """The transformers cache-layer protocol shared by every DMS layer (reference, paged, shared prefix).
+
+    The DMS attention function appends, prunes and attends in one place (``dms_attend``), because it needs
+    the retention logits that arrive with the same call; HF's ``update`` only passes through. The sequence
+    length HF sees is ``columns``: every column processed, padding included.
+    """
+
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    columns = 0
 
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.columns + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class DMSCacheLayer(DMSLayerProtocol):
     def __init__(self):
         super().__init__()
         self.pos = None
@@ -41,20 +63,6 @@ class DMSCacheLayer(CacheLayerMixin):
         self.evict = torch.zeros(B, Hkv, 0, dtype=torch.bool, device=dev)
         self.seen = torch.zeros(B, dtype=torch.long, device=dev)
         self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        # The DMS attention function appends, prunes and attends in one place (dms_attend), because it
-        # needs the retention logits that arrive with the same call; HF's update only passes through.
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.columns + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.columns
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self):
         self.keys = self.values = self.pos = self.evict = self.seen = None

@@ -156,21 +156,19 @@ class FastGenerateOutput:
     captures: int  # CUDA graph captures
 
 
-def _sample(logits, do_sample, temperature, top_k, top_p, generator):
+def _sampler(do_sample, temperature, top_k, top_p, generator):
+    """``logits [B, V] -> tokens [B]``: argmax, or sampling after transformers' own logits warpers."""
     if not do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-6)
+        return lambda logits: logits.argmax(-1)
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    warp = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        warp.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        warp.append(TopPLogitsWarper(top_p))
+    return lambda logits: torch.multinomial(warp(None, logits.float()).softmax(-1), 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
@@ -225,10 +223,11 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     eos_t = torch.tensor(eos, device=dev) if eos else None
     new = []
+    sample = _sampler(do_sample, temperature, top_k, top_p, generator)
     step = GraphedDecodeStep(model, cache, horizon=horizon, cuda_graph=cuda_graph)
     try:
         for i in range(max_new_tokens):
-            tok = _sample(logits, do_sample, temperature, top_k, top_p, generator)
+            tok = sample(logits)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             new.append(tok)
             if streamer is not None:

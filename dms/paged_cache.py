@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from dms_kernels.decode_attention import (
     gather_stream,
@@ -36,6 +36,8 @@ from dms_kernels.decode_attention import (
     paged_decode_attention_reference,
     ring_size,
 )
+
+from .cache import DMSLayerProtocol
 
 CACHE_KINDS = ("auto", "paged", "reference")
 BACKENDS = ("auto", "triton", "torch")
@@ -55,12 +57,8 @@ def _hard_chunk_attention(q, k, v, evict, window, doc_ids, scale, use_triton: bo
     return dms_attention_reference(q, k, v, hard_log_keep(evict), window, doc_ids, scale)
 
 
-class PagedDMSCacheLayer(CacheLayerMixin):
+class PagedDMSCacheLayer(DMSLayerProtocol):
     """One layer's page pool and per-stream bookkeeping (streams ``n = b * Hkv + h``)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
 
     def __init__(self, page_size: int = 64, backend: str = "torch", prefill_chunk: int = 8192,
                  initial_pages_per_stream: int = 4):
@@ -110,19 +108,6 @@ class PagedDMSCacheLayer(CacheLayerMixin):
         self._len_bound = 0
         self._free_known = int(self.free_top[0]) if hasattr(self, "free_top") else 0
         self._steps = 0
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        # dms_attend appends, prunes and attends in one place (it needs the retention logits).
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.columns + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.columns
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self):
         for name in ("k_pool", "v_pool", "pos_pool", "block_table", "seq_len", "held", "now", "ring_slot",
@@ -260,11 +245,15 @@ class PagedDMSCacheLayer(CacheLayerMixin):
             self._free_known = free
             self._steps = 1
         self._len_bound += 1
-        need_cols = -(-self._len_bound // PS)
-        if need_cols > self.block_table.shape[1]:
-            extra = max(need_cols - self.block_table.shape[1], self.block_table.shape[1])
+        self._ensure_columns(-(-self._len_bound // PS))
+
+    def _ensure_columns(self, need_cols: int):
+        """Widen the block table to at least ``need_cols`` page columns (at least doubling it)."""
+        width = self.block_table.shape[1]
+        if need_cols > width:
+            extra = max(need_cols - width, width)
             self.block_table = torch.cat(
-                [self.block_table, torch.zeros(N, extra, dtype=torch.int32, device=self.device)], 1)
+                [self.block_table, torch.zeros(self.N, extra, dtype=torch.int32, device=self.device)], 1)
 
     # --- static decoding (CUDA graphs: dms/graphs.py) -------------------------------------------------
     def begin_static(self, steps: int):
@@ -285,10 +274,7 @@ class PagedDMSCacheLayer(CacheLayerMixin):
         if free < need_pages:
             free = self._grow(max(need_pages - free, self.capacity // 4))
         self._free_known = free
-        need_cols = -(-(self._len_bound + steps) // PS) + 1
-        if need_cols > self.block_table.shape[1]:
-            self.block_table = torch.cat([self.block_table, torch.zeros(
-                N, need_cols - self.block_table.shape[1], dtype=torch.int32, device=self.device)], 1)
+        self._ensure_columns(-(-(self._len_bound + steps) // PS) + 1)
         self._static_max_len = self._len_bound + steps
         self._static_left = steps
 

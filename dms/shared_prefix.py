@@ -33,9 +33,9 @@ system level.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from .cache import DMSCacheLayer
+from .cache import DMSCacheLayer, DMSLayerProtocol
 
 
 def _prefix_attention(query, keys, values, visible, scaling, samples, length=None):
@@ -219,11 +219,7 @@ def split_system(prefix: DMSCacheLayer, cutoff: int):
     return system, agree
 
 
-class SharedPrefixLayer(CacheLayerMixin):
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
+class SharedPrefixLayer(DMSLayerProtocol):
     def __init__(self, prefix: DMSCacheLayer, samples: int, compact_every: int = 32, system=None):
         super().__init__()
         self.samples = samples
@@ -247,18 +243,6 @@ class SharedPrefixLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states):
         pass
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int):
-        return self.columns + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.columns
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reorder_cache(self, beam_idx):
         raise ValueError("the shared-prefix cache does not support beam search; pass dms_shared_prefix=False")

@@ -467,19 +467,14 @@ def _bench_prefill(args, model, dev, timer, rows):
     for ctx in args.ctxs:
         keep = (ctx / args.cr - args.window) / (ctx - args.window)
         res = {}
-        for name, ev in (("cr8", 1 - keep), ("dense", 0.0)):
-            if ev > 0:
-                calibrate_retention(model, ev, dev)
-            else:
-                for l in model.model.layers:
-                    torch.nn.init.zeros_(l.self_attn.dms_retention.proj.weight)
-                    torch.nn.init.constant_(l.self_attn.dms_retention.proj.bias, -1.0)  # never evict
+        calibrate_retention(model, 1 - keep, dev)
+        for name in ("cr8", "dense"):
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
             holder = {}
 
             def run():
                 holder["c"] = PagedDMSCache(model, page_size=args.page_size)
-                with torch.no_grad():
+                with torch.no_grad(), (eviction_off(model) if name == "dense" else contextlib.nullcontext()):
                     model(ids, past_key_values=holder["c"], use_cache=True, logits_to_keep=1)
 
             if dev.type == "cuda":

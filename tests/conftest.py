@@ -111,3 +111,57 @@ def make_tiny_base(root: Path, n_docs: int = 24) -> Path:
 def tiny_base_factory():
     """``make_tiny_base(root, n_docs)``: a saved tiny Llama + tokenizer (no pad token) + jsonl corpus."""
     return make_tiny_base
+
+
+def make_tiny_dms_checkpoint(root: Path, window: int) -> Path:
+    """``make_tiny_base`` retrofitted (eager attention) with random retention heads, saved with its tokenizer
+    as ``root / "ckpt"``: a DMS checkpoint that evicts, for ``dms.load`` and the scripts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import dms
+
+    base = root / "base"
+    base.mkdir(parents=True)
+    make_tiny_base(base)
+    model = AutoModelForCausalLM.from_pretrained(base / "model")
+    dms.retrofit(model, dms.DMSConfig(window=window, attention_impl="eager"))
+    randomize_retention(model, 0.5, seed=0)
+    out = root / "ckpt"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base / "model").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dms_checkpoint_factory():
+    """``make_tiny_dms_checkpoint(root, window)`` -> the checkpoint folder."""
+    return make_tiny_dms_checkpoint
+
+
+def shared_decode_vs_teacher_forced(model, cache, ids, am, samples: int, new: int, horizon: int, cuda_graph: bool):
+    """Decode ``new`` random teacher-forced tokens per sample through ``GraphedDecodeStep`` over a shared-prefix
+    ``cache`` built from ``ids, am`` (``[G, T]``); returns ``(step logits [G*W, new, V], the same positions'
+    logits of the model run on the whole sequences)``."""
+    from dms.graphs import GraphedDecodeStep
+
+    W, T = samples, ids.shape[1]
+    g = torch.Generator().manual_seed(4)
+    chosen = torch.randint(3, 97, (ids.shape[0] * W, new), generator=g).to(ids.device)
+    tok = ids[:, -1:].repeat_interleave(W, 0)
+    pos = (am.sum(-1, keepdim=True) - 1).repeat_interleave(W, 0)
+    logits = []
+    with GraphedDecodeStep(model, cache, horizon=horizon, cuda_graph=cuda_graph) as step:
+        for i in range(new):
+            logits.append(step(tok, pos + i).clone())
+            tok = chosen[:, i:i + 1]
+    seq = torch.cat([ids.repeat_interleave(W, 0), chosen], 1)
+    full_am = torch.cat([am.repeat_interleave(W, 0), torch.ones_like(chosen)], 1)
+    with torch.no_grad():
+        tf = model(seq, attention_mask=full_am).logits
+    return torch.stack(logits, 1), tf[:, T - 1:-1]
+
+
+@pytest.fixture(scope="session")
+def shared_decode_check():
+    """:func:`shared_decode_vs_teacher_forced`."""
+    return shared_decode_vs_teacher_forced

@@ -57,29 +57,17 @@ def test_bench_shared_prefix_tiny(tmp_path):
         assert r["step_bound_speedup_vs_per_sample"] > 1
 
 
-def test_bench_decode_real_model_row(tmp_path, tiny_base_factory):
+def test_bench_decode_real_model_row(tmp_path, tiny_dms_checkpoint_factory):
     """--real-model: a retrofitted checkpoint's own decisions vs eviction off, through the same engine."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import dms
 
-    root = tmp_path / "base"
-    root.mkdir()
-    tiny_base_factory(root)
-    model = AutoModelForCausalLM.from_pretrained(root / "model")
-    dms.retrofit(model, dms.DMSConfig(window=4, attention_impl="eager"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "dms_retention.proj" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(tmp_path / "ckpt")
-    AutoTokenizer.from_pretrained(root / "model").save_pretrained(tmp_path / "ckpt")
+    ckpt = tiny_dms_checkpoint_factory(tmp_path, window=4)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{i % 50}" for i in range(300)))
     out = tmp_path / "d.json"
-    assert decode.main(["--smoke", "--sections", "kernel", "--real-model", str(tmp_path / "ckpt"), "--real-context",
+    assert decode.main(["--smoke", "--sections", "kernel", "--real-model", str(ckpt), "--real-context",
                         "48", "--real-batch", "2", "--real-prompt-file", str(text), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     row = [r for r in res["rows"] if r["section"] == "real_model"][0]
@@ -87,7 +75,7 @@ def test_bench_decode_real_model_row(tmp_path, tiny_base_factory):
     assert row["memory_cr"] > 1.0 and _pos(row["dms_ms"]) and _pos(row["no_evict_ms"])
     assert res["summary"]["real_model_memory_cr"] == row["memory_cr"]
     # eviction_off: nothing evicted inside, the checkpoint's offset back afterwards
-    m2, _ = dms.load(str(tmp_path / "ckpt"))
+    m2, _ = dms.load(str(ckpt))
     before = dms.dms_state(m2).config.alpha_offset
     ids = torch.randint(3, 40, (1, 40))
     with decode.eviction_off(m2):

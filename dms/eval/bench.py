@@ -169,19 +169,32 @@ def _series(results, prefix_fn, crs, key):
     return xs, ys
 
 
-def _title(fig, command: str):
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_png: Path, command: str):
+    """Title the figure with the command that made it, write the PNG, free the figure."""
     import textwrap
 
+    import matplotlib.pyplot as plt
+
     fig.suptitle("\n".join(textwrap.wrap(command, 180)), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
 
 
 def plot_quality(results: dict, crs: list[float], main_runs: dict[float, str], baselines: list[str], out_png: Path,
                  command: str, ablations: dict[str, float] | None = None):
     """Accuracy and perplexity increase vs KV compression (budget = context / CR), DMS vs every baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [("retrieval_accuracy", "retrieval accuracy (passkey + multi-key)"),
@@ -208,18 +221,12 @@ def plot_quality(results: dict, crs: list[float], main_runs: dict[float, str], b
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    _title(fig, command)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(fig, out_png, command)
 
 
 def plot_kv_reads(results: dict, crs: list[float], main_runs: dict, baselines: list[str], out_png: Path, command: str):
     """Retrieval accuracy vs KV entries read during generation (the axis Quest is compared on)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     pts = {"DMS": [results.get(main_runs.get(c, "")) for c in crs]}
@@ -236,18 +243,12 @@ def plot_kv_reads(results: dict, crs: list[float], main_runs: dict, baselines: l
     ax.set_ylabel("retrieval accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _title(fig, command)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(fig, out_png, command)
 
 
 def plot_training(run_rows: dict[str, list[dict]], out_png: Path, command: str):
     """Training curves per retrofit run: decision CR (achieved vs target) and KL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, rows in run_rows.items():
@@ -265,10 +266,7 @@ def plot_training(run_rows: dict[str, list[dict]], out_png: Path, command: str):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    _title(fig, command)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(fig, out_png, command)
 
 
 def _fmt(v, pct=False, digits=3):

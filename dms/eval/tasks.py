@@ -182,17 +182,21 @@ class TaskBuilder:
             out.append((depths[i], self.enc(f"\nVAR {names[i]} = VAR {names[i - 1]}.\n")))
         return out
 
-    def variable_tracking(self, length: int, hops: int = 2, index: int = 0) -> Example:
-        rng = self._rng("variable_tracking", length, index, hops)
+    def _two_chains(self, rng: random.Random, hops: int):
+        """Two variable chains of ``hops`` links with distinct names: the asked one ``a`` (value ``va``) and a
+        distractor ``b`` (value ``vb``), and their needles."""
         names: list[str] = []
         while len(names) < 2 * (hops + 1):
             k = self.random_key(rng).upper()
             if k not in names:
                 names.append(k)
         a, b = names[:hops + 1], names[hops + 1:]
-        va = self.random_value(rng)
-        vb = self.random_value(rng)
-        needles = self._chain(rng, a, va) + self._chain(rng, b, vb)
+        va, vb = self.random_value(rng), self.random_value(rng)
+        return a, b, va, vb, self._chain(rng, a, va) + self._chain(rng, b, vb)
+
+    def variable_tracking(self, length: int, hops: int = 2, index: int = 0) -> Example:
+        rng = self._rng("variable_tracking", length, index, hops)
+        a, b, va, vb, needles = self._two_chains(rng, hops)
         tail = self.enc(f"\nQuestion: what value does VAR {a[-1]} hold? Answer: VAR {a[-1]} holds")
         return Example("variable_tracking", self._assemble(rng, length, needles, tail), va, {"hops": hops})
 
@@ -241,14 +245,8 @@ class TaskBuilder:
                                  f"{keys[q]} is {vals[q]}.\n")
         else:
             hops = rng.randint(0, mix.max_hops)
-            names: list[str] = []
-            while len(names) < 2 * (hops + 1):
-                k = self.random_key(rng).upper()
-                if k not in names:
-                    names.append(k)
-            a, b = names[:hops + 1], names[hops + 1:]
-            va, vb = self.random_value(rng), self.random_value(rng)
-            needles = self._chain(rng, a, va) + self._chain(rng, b, vb)
+            a, b, va, vb, needles = self._two_chains(rng, hops)
+            names = a + b
             value_of = {**{x: va for x in a}, **{x: vb for x in b}}
             tail = []
             for x in rng.sample(names, rng.randint(1, min(len(names), mix.max_questions))):

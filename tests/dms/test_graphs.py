@@ -140,7 +140,8 @@ def test_fast_generate_eos_sampling_and_triton_interpreter(make_tiny_model, rand
         assert torch.equal(tri.sequences, greedy.sequences[:, : ids.shape[1] + 9])
 
 
-def test_shared_prefix_cache_static_steps_equal_teacher_forced(make_tiny_model, randomize, monkeypatch):
+def test_shared_prefix_cache_static_steps_equal_teacher_forced(make_tiny_model, randomize, monkeypatch,
+                                                               shared_decode_check):
     """W samples over one shared pruned prompt, decoded through static-mode steps (graph replays on CUDA)."""
     import dms.shared_prefix as sp
 
@@ -151,20 +152,8 @@ def test_shared_prefix_cache_static_steps_equal_teacher_forced(make_tiny_model, 
     ids, am = ids[1:], am[1:]  # 2 prompts of different lengths
     W, new = 3, 20
     cache = sp.SharedPrefixDMSCache.from_prompts(model, ids, am, W)
-    g = torch.Generator().manual_seed(4)
-    chosen = torch.randint(3, 97, (2 * W, new), generator=g).to(DEV)  # teacher-forced tokens, per sample
-    tok = ids[:, -1:].repeat_interleave(W, 0)
-    pos = (am.sum(-1, keepdim=True) - 1).repeat_interleave(W, 0)
-    logits = []
-    with GraphedDecodeStep(model, cache, horizon=6, cuda_graph=CUDA) as step:
-        for i in range(new):
-            logits.append(step(tok, pos + i).clone())
-            tok = chosen[:, i:i + 1]
-    seq = torch.cat([ids.repeat_interleave(W, 0), chosen], 1)
-    full_am = torch.cat([am.repeat_interleave(W, 0), torch.ones_like(chosen)], 1)
-    with torch.no_grad():
-        tf = model(seq, attention_mask=full_am).logits
-    torch.testing.assert_close(torch.stack(logits, 1), tf[:, ids.shape[1] - 1:-1], atol=ATOL, rtol=0)
+    logits, tf = shared_decode_check(model, cache, ids, am, W, new, horizon=6, cuda_graph=CUDA)
+    torch.testing.assert_close(logits, tf, atol=ATOL, rtol=0)
     st = cache.stats()
     assert st["samples_per_prompt"] == W and st["memory_cr"] > 1.0
 

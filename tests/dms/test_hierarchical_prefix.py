@@ -8,7 +8,6 @@ import torch
 
 import dms
 from dms.cache import DMSCacheLayer
-from dms.graphs import GraphedDecodeStep
 from dms.shared_prefix import SharedPrefixDMSCache, split_system
 
 ATOL = 1e-5
@@ -137,7 +136,8 @@ def test_split_system_disagreeing_head_stays_per_prompt():
     assert sorted(p for p in layer.pos[0, 1].tolist() if p >= 0) == [1, 2, 3, 4, 5]
 
 
-def test_hierarchical_cache_static_steps_equal_teacher_forced(make_tiny_model, randomize, monkeypatch):
+def test_hierarchical_cache_static_steps_equal_teacher_forced(make_tiny_model, randomize, monkeypatch,
+                                                              shared_decode_check):
     """Static-mode steps (GraphedDecodeStep, cuda_graph=False on CPU) through the three-level cache."""
     import dms.shared_prefix as sp
 
@@ -146,23 +146,11 @@ def test_hierarchical_cache_static_steps_equal_teacher_forced(make_tiny_model, r
     model = _model(make_tiny_model, randomize, 2, 2, heads=4, hidden=64, head_dim=16)
     P0 = 12
     ids, am = _prompts(P0, (2, 6), seed=3)
-    G, T = ids.shape
     W, new = 3, 20
     cache = sp.SharedPrefixDMSCache.from_prompts(model, ids, am, W, system_len=P0)
     assert cache.stats()["system_prefix_entries_held"] > 0
-    g = torch.Generator().manual_seed(4)
-    chosen = torch.randint(3, 97, (G * W, new), generator=g)
-    tok = ids[:, -1:].repeat_interleave(W, 0)
-    pos = (am.sum(-1, keepdim=True) - 1).repeat_interleave(W, 0)
-    logits = []
-    with GraphedDecodeStep(model, cache, horizon=6, cuda_graph=False) as step:
-        for i in range(new):
-            logits.append(step(tok, pos + i).clone())
-            tok = chosen[:, i:i + 1]
-    seq = torch.cat([ids.repeat_interleave(W, 0), chosen], 1)
-    full_am = torch.cat([am.repeat_interleave(W, 0), torch.ones_like(chosen)], 1)
-    tf = _teacher_forced(model, seq, full_am)
-    torch.testing.assert_close(torch.stack(logits, 1), tf[:, T - 1:-1], atol=ATOL, rtol=0)
+    logits, tf = shared_decode_check(model, cache, ids, am, W, new, horizon=6, cuda_graph=False)
+    torch.testing.assert_close(logits, tf, atol=ATOL, rtol=0)
     st = cache.stats()
     assert st["samples_per_prompt"] == W and st["memory_cr"] > 1.0 and st["system_prefix_bytes"] > 0
 

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import dms
 
@@ -20,25 +19,10 @@ def _script():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
+def run_dir(tmp_path_factory, tiny_base_factory):
     from dms.training import RetrofitConfig, run_retrofit
 
-    root = tmp_path_factory.mktemp("push")
-    docs = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(30 + i % 20)) for i in range(30)]
-    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>")
-    tok.save_pretrained(root / "model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    (root / "data.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    root = tiny_base_factory(tmp_path_factory.mktemp("push"), n_docs=30)
     run_retrofit(RetrofitConfig.from_dict({
         "model": {"name_or_path": str(root / "model")},
         "data": {"source": str(root / "data.jsonl"), "seq_len": 48}, "dms": {"window": 4},
