@@ -38,11 +38,14 @@ from transformers.cache_utils import Cache
 from .cache import DMSCacheLayer, DMSLayerProtocol
 
 
+PREFIX_IMPL: str | None = None  # None: Triton on CUDA, the reference elsewhere; tests set "triton" on CPU too
+
+
 def _prefix_attention(query, keys, values, visible, scaling, samples, length=None):
     """Prefix part: Triton on CUDA, the fp32 reference elsewhere (``dms_kernels.prefix_attention``)."""
     from dms_kernels.prefix_attention import prefix_attention
 
-    impl = "triton" if query.is_cuda else "reference"
+    impl = PREFIX_IMPL or ("triton" if query.is_cuda else "reference")
     return prefix_attention(query, keys, values, visible, scaling, samples, impl=impl, length=length)
 
 

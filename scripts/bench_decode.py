@@ -61,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="docs/results/decode.json")
     p.add_argument("--sections", default="kernel,e2e,prefill", help="comma list of kernel, e2e, prefill")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter check of the script)")
+    p.add_argument("--profile", action="store_true",
+                   help="e2e: one extra eager CR-8 step at the longest context, batch 8, under torch.profiler; prefill: "
+                        "one extra run at the shortest context; device time per kernel name goes into 'profile' "
+                        "rows (where the time goes)")
     return p.parse_args(argv)
 
 
@@ -89,6 +93,30 @@ class Timer:
                 ts.append(t)
         ts.sort()
         return ts[len(ts) // 2]
+
+    def graph_ms(self, fn, inner=20, reps=10, warmup=2):
+        """Median GPU ms of one ``fn()`` call, timed as CUDA-graph replays of ``inner`` back-to-back calls.
+
+        Kernel rows use this: it measures what the device spends, without the host's Python launch cost
+        (Triton's launcher costs ~0.1 ms per kernel), which is how the engine runs them (dms.graphs). On CPU
+        it falls back to :meth:`median_ms`.
+        """
+        if not self.cuda:
+            return self.median_ms(fn, warmup=warmup, reps=reps)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):  # compiles and allocates outside the capture
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                fn()
+        ms = self.median_ms(g.replay, warmup=2, reps=reps) / inner
+        del g
+        return ms
 
 
 def copy_bandwidth(dev, timer, nbytes):
@@ -144,7 +172,7 @@ def bench_kernel(args, dev, timer, copy_bw, rows):
                 max_len = int(lens.max())
                 fn = lambda: paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, max_len=max_len,  # noqa: E731
                                                      pages_per_split=args.pages_per_split)
-                ms = timer.median_ms(fn, warmup=3, reps=20 if not args.smoke else 2)
+                ms = timer.graph_ms(fn, reps=10 if not args.smoke else 1)
                 live = int(lens.sum()) * D * 2 * 2
                 res[name] = dict(ms=ms, live_bytes=live, bw=live / (ms * 1e-3))
                 del k, v, pos
@@ -185,7 +213,7 @@ def sweep_kernel(args, dev, timer, copy_bw, rows):
                 fn = lambda: paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, max_len=max_len,  # noqa: E731
                                                      pages_per_split=pps, num_warps=w, num_stages=st)
                 try:
-                    ms = timer.median_ms(fn, warmup=2, reps=15 if not args.smoke else 1)
+                    ms = timer.graph_ms(fn, reps=5 if not args.smoke else 1)
                 except Exception as e:  # a launch setting the compiler rejects (e.g. shared memory)
                     print(f"sweep {name} ctx={ctx} pps={pps} warps={w} stages={st}: {type(e).__name__}", flush=True)
                     continue
@@ -263,6 +291,33 @@ def time_paged_step(args, model, cache, ids, ctx, timer):
     return timer.median_ms(lambda: model(ids, past_key_values=cache, use_cache=True), warmup=warmup, reps=args.steps)
 
 
+def profile_call(fn, rows, info, top=15):
+    """Device time per kernel name of one eager ``fn()`` (a decode step runs the same kernels as its graph
+    replay), and the wall time around it: busy << wall means the host (launches, syncs) is the bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    agg = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            a = agg.setdefault(e.name, [0.0, 0])
+            a[0] += e.device_time
+            a[1] += 1
+    total = sum(v[0] for v in agg.values())
+    n = sum(v[1] for v in agg.values())
+    print(f"profile ({info}): device busy {total / 1e3:.2f} ms of {wall:.2f} ms wall, {n} kernels", flush=True)
+    for name, (us, k) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]:
+        rows.append(dict(section="profile", kernel=name[:120], us=us, calls=k, share=us / max(total, 1e-9), **info))
+        print(f"  {us / 1e3:8.3f} ms {k:5d}x  {name[:100]}", flush=True)
+    rows.append(dict(section="profile_total", busy_ms=total / 1e3, wall_ms=wall, kernels=n, **info))
+
+
 def layer_window(cache):
     return cache._bench_window
 
@@ -323,6 +378,9 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                     ms = time_paged_step(args, model, cache, ids, ctx, timer)
                     st = cache.stats()
                     res[(name, ctx, B)] = ms
+                    if args.profile and dev.type == "cuda" and name == "cr8" and ctx == max(args.ctxs) and B == max(b for b in args.bs if b <= 8):
+                        profile_call(lambda: model(ids, past_key_values=cache, use_cache=True), rows,
+                                     dict(what="decode step", context=ctx, batch=B, graphed_ms=ms))
                     res[(name + "_live", ctx, B)] = st["bytes_live"]
                     res[(name + "_alloc", ctx, B)] = st["bytes_allocated"]
                 except torch.OutOfMemoryError:
@@ -481,6 +539,8 @@ def _bench_prefill(args, model, dev, timer, rows):
                 torch.cuda.reset_peak_memory_stats()
             ms = timer.median_ms(run, warmup=1, reps=3 if not args.smoke else 1)
             st = holder["c"].stats()
+            if args.profile and dev.type == "cuda" and ctx == min(args.ctxs):
+                profile_call(run, rows, dict(what=f"prefill {name}", context=ctx, batch=1, ms=ms))
             res[name] = dict(ms=ms, memory_cr=st["memory_cr"], alloc_fraction=st["bytes_allocated"] / st["bytes_dense"],
                              live_fraction=st["bytes_live"] / st["bytes_dense"])
             del holder

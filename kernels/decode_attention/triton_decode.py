@@ -184,13 +184,14 @@ def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
 
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
-# Split sizing and launch defaults of the decode kernel. Not yet measured on a GPU (session 2 had none):
-# chosen so that no program walks more than 8 pages (512 tokens) and the grid holds >= 4 programs per SM;
-# `scripts/bench_decode.py --sweep` times the alternatives (docs/benchmarks.md, "Decode").
-MAX_PAGES_PER_SPLIT = 8
+# Split sizing and launch defaults of the decode kernel: no program walks more than MAX_PAGES_PER_SPLIT
+# pages and the grid holds >= 4 programs per SM. From the H100 sweep (`scripts/bench_decode.py --sweep`,
+# batch 8, page 64, D 128; docs/benchmarks.md "Decode"): 16 pages with 2 stages was within 1% of the best
+# setting for dense 8K/32K and ragged CR-8 32K (8 pages / 3 stages: +3%, +3%, +10%).
+MAX_PAGES_PER_SPLIT = 16
 SPLIT_PROGRAMS_PER_SM = 4
 DEFAULT_WARPS = 4
-DEFAULT_STAGES = 3
+DEFAULT_STAGES = 2
 
 
 def _num_sms(device) -> int:

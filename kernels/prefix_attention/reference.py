@@ -8,13 +8,17 @@ from __future__ import annotations
 import torch
 
 
-def check_inputs(q, k, v, visible):
+def check_inputs(q, k, v, visible, length=None):
+    """Shapes of the grouped prefix attention; with ``length``, ``visible`` may cover only the first
+    ``length`` key slots of the ``[G, Hkv, capacity, D]`` buffers (the static decode path passes that)."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"q must be [G, Hkv, M, D] and k, v [G, Hkv, S, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     G, Hkv, M, D = q.shape
     if k.shape[0] != G or k.shape[1] != Hkv or k.shape[3] != D:
         raise ValueError(f"k must be [G={G}, Hkv={Hkv}, S, D={D}]; got {tuple(k.shape)}")
+    if length is not None and visible.shape[:2] == k.shape[:2] and length <= visible.shape[2] <= k.shape[2]:
+        return G, Hkv, M, k.shape[2], D
     if visible.shape != k.shape[:3]:
         raise ValueError(f"visible must be [G, Hkv, S] = {tuple(k.shape[:3])}; got {tuple(visible.shape)}")
     return G, Hkv, M, k.shape[2], D

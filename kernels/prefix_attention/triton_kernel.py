@@ -74,7 +74,7 @@ def prefix_attention_grouped(q, k, v, visible, scale: float, splits: int | None 
     """
     from .reference import check_inputs
 
-    G, Hkv, M, S, D = check_inputs(q, k, v, visible)
+    G, Hkv, M, S, D = check_inputs(q, k, v, visible, length)
     if length is not None:
         if not 0 <= length <= S:
             raise ValueError(f"length must be in [0, {S}]; got {length}")
@@ -87,7 +87,7 @@ def prefix_attention_grouped(q, k, v, visible, scale: float, splits: int | None 
     q = q.contiguous().view(G * Hkv, M, D)
     k = k.contiguous().view(G * Hkv, cap, D)
     v = v.contiguous().view(G * Hkv, cap, D)
-    vis = visible.to(torch.int8).contiguous().view(G * Hkv, cap)
+    vis = visible.to(torch.int8).contiguous().view(G * Hkv, visible.shape[2])  # >= S columns
     block_m = block_m or max(16, min(64, triton.next_power_of_2(M)))
     m_blocks = triton.cdiv(M, block_m)
     if splits is None:

@@ -55,6 +55,26 @@ def test_matches_reference(G, Hkv, M, S, D, splits):
     _check(o1, l1, o2, l2, 2e-5, 2e-5)
 
 
+@pytest.mark.parametrize("visible_cols", [37, 50, 64])
+def test_length_with_short_visible(visible_cols):
+    """Static decode: buffers of capacity 64 grown in place, ``length`` = 37 used, ``visible`` covering only
+    the first ``visible_cols`` slots (the shared-prefix static path passes the first ``length`` columns).
+    Both implementations agree with attention over the sliced buffers."""
+    torch.manual_seed(visible_cols)
+    G, Hkv, M, cap, L, D = 2, 2, 3, 64, 37, 32
+    q = torch.randn(G * 1, Hkv * M, 1, D, device=DEV)
+    k, v = torch.randn(G, Hkv, cap, D, device=DEV), torch.randn(G, Hkv, cap, D, device=DEV)
+    k[:, :, L:] = float("nan")  # slots past length are never read
+    v[:, :, L:] = float("nan")
+    vis = torch.rand(G, Hkv, visible_cols, device=DEV) < 0.6
+    want = prefix_attention(q, k[:, :, :L], v[:, :, :L], vis[:, :, :L], D ** -0.5, 1, impl="reference")
+    for impl in ("reference", "triton"):
+        got = prefix_attention(q, k, v, vis, D ** -0.5, 1, impl=impl, length=L)
+        _check(want[0], want[1], got[0], got[1], 2e-5, 2e-5)
+    with pytest.raises(ValueError, match="visible must be"):
+        prefix_attention(q, k, v, vis[:, :, :L - 1], D ** -0.5, 1, impl="triton", length=L)
+
+
 def test_sample_grouping_roundtrip():
     """[G*W, H, 1, D] queries: grouping by KV head then ungrouping gives per-sample attention."""
     torch.manual_seed(0)
