@@ -366,6 +366,9 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
     dms.retrofit(model, dms.DMSConfig(window=args.window))
     # bytes a step reads: every weight except the embedding table (one row per sequence is read)
     weights = bytes_of(model, lambda n: "embed_tokens" not in n)
+    # --profile: the CR-8 step at the longest context and the largest batch <= 8
+    profile_at = (("cr8", max(args.ctxs), max([b for b in args.bs if b <= 8] or args.bs[:1]))
+                  if args.profile and dev.type == "cuda" else None)
     for ctx in args.ctxs:
         for B in args.bs:
             for name, cr in (("dense", 1.0), ("cr8", args.cr)):
@@ -378,7 +381,7 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                     ms = time_paged_step(args, model, cache, ids, ctx, timer)
                     st = cache.stats()
                     res[(name, ctx, B)] = ms
-                    if args.profile and dev.type == "cuda" and name == "cr8" and ctx == max(args.ctxs) and B == max(b for b in args.bs if b <= 8):
+                    if profile_at == (name, ctx, B):
                         profile_call(lambda: model(ids, past_key_values=cache, use_cache=True), rows,
                                      dict(what="decode step", context=ctx, batch=B, graphed_ms=ms))
                     res[(name + "_live", ctx, B)] = st["bytes_live"]

@@ -17,9 +17,8 @@ def check_inputs(q, k, v, visible, length=None):
     G, Hkv, M, D = q.shape
     if k.shape[0] != G or k.shape[1] != Hkv or k.shape[3] != D:
         raise ValueError(f"k must be [G={G}, Hkv={Hkv}, S, D={D}]; got {tuple(k.shape)}")
-    if length is not None and visible.shape[:2] == k.shape[:2] and length <= visible.shape[2] <= k.shape[2]:
-        return G, Hkv, M, k.shape[2], D
-    if visible.shape != k.shape[:3]:
+    short_ok = length is not None and visible.shape[:2] == k.shape[:2] and length <= visible.shape[2] <= k.shape[2]
+    if visible.shape != k.shape[:3] and not short_ok:
         raise ValueError(f"visible must be [G, Hkv, S] = {tuple(k.shape[:3])}; got {tuple(visible.shape)}")
     return G, Hkv, M, k.shape[2], D
 
