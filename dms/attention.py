@@ -90,6 +90,20 @@ class DMSState:
         self.records: dict[int, dict] = {}
         self.collect_stats = True
         self.plan: ForwardPlan | None = None  # per-forward shared masks and noise (reset by the model pre-hook)
+        self.valid_memo: tuple | None = None  # (T, [B, T] padding mask or None if unpadded), once per forward
+
+    def valid_columns(self, T: int, device) -> torch.Tensor | None:
+        """``[B, T]`` bool real-token mask of this forward's last ``T`` columns, or None when no row is padded.
+
+        Checked once per forward (one host read at the first layer), not once per layer.
+        """
+        if self.attention_mask is None:
+            return None
+        memo = self.valid_memo
+        if memo is None or memo[0] != T:
+            v = self.attention_mask[:, -T:].to(device).bool()
+            memo = self.valid_memo = (T, None if bool(v.all()) else v)
+        return memo[1]
 
     @property
     def enabled(self) -> bool:
@@ -310,9 +324,7 @@ def dms_attention_forward(module, query, key, value, attention_mask=None, scalin
 
     if cache is not None and hasattr(cache, "dms_attend"):
         logits = decision_logits(module, state)  # [B, T, Hkv]
-        valid = None
-        if state.attention_mask is not None:
-            valid = state.attention_mask[:, -T:].to(query.device).bool()
+        valid = state.valid_columns(T, query.device)
         out = cache.dms_attend(module.layer_idx, query, key, value, logits, valid, cfg.window, scaling)
         return out.transpose(1, 2), None
     if key.shape[2] != T:

@@ -11,7 +11,8 @@ head. Layout and decode-step rules: ``dms_kernels/decode_attention/reference.py`
   attends over the ragged store (all query heads of a KV head in one program). No host sync per step:
   the host keeps an upper bound on pages that can be taken and reads the free count only when the bound
   says the pool might run dry, then grows the pool.
-- Prefill / multi-turn chunks (several columns): processed in chunks of ``prefill_chunk`` columns; each
+- Prefill / multi-turn chunks (several columns): processed in chunks of ``prefill_chunk`` columns (default:
+  the whole call with the Triton kernels, 8192 with the references); each
   chunk attends to the cached keys (``dms_kernels.decode_attention.chunk_attention`` on CUDA, a flash-style
   Triton kernel; its fp32 reference elsewhere) and to itself with the hard-mask kernel
   (``dms_kernels.train_attention.dms_attention_hard`` on CUDA, its fp32 reference elsewhere), merged by
@@ -40,6 +41,7 @@ from dms_kernels.decode_attention import (
 from .cache import DMSLayerProtocol
 
 CACHE_KINDS = ("auto", "paged", "reference")
+DEFAULT_TORCH_CHUNK = 8192  # prefill chunk of the PyTorch-reference backend (its score tensors are chunk^2)
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -57,10 +59,36 @@ def _hard_chunk_attention(q, k, v, evict, window, doc_ids, scale, use_triton: bo
     return dms_attention_reference(q, k, v, hard_log_keep(evict), window, doc_ids, scale)
 
 
+def _gather_rows(t, b, h, s):
+    """``t[b, h, s]`` rows of ``t [B, Hkv, S, D]`` for index vectors b, h, s, without first copying ``t`` into
+    a contiguous layout when it is a transposed ``[B, S, Hkv, D]`` tensor (transformers' k/v projections)."""
+    B, Hkv, S, D = t.shape
+    if not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
+        return t.transpose(1, 2).reshape(B * S * Hkv, D).index_select(0, (b * S + s) * Hkv + h)
+    return t.reshape(B * Hkv * S, D).index_select(0, (b * Hkv + h) * S + s)
+
+
+class _Ready:
+    def __init__(self, t):
+        self.t = t
+
+    def result(self):
+        return self.t
+
+
+class _Pending:
+    def __init__(self, host, event):
+        self.host, self.event = host, event
+
+    def result(self):
+        self.event.synchronize()
+        return self.host
+
+
 class PagedDMSCacheLayer(DMSLayerProtocol):
     """One layer's page pool and per-stream bookkeeping (streams ``n = b * Hkv + h``)."""
 
-    def __init__(self, page_size: int = 64, backend: str = "torch", prefill_chunk: int = 8192,
+    def __init__(self, page_size: int = 64, backend: str = "torch", prefill_chunk: int | None = None,
                  initial_pages_per_stream: int = 4):
         super().__init__()
         self.page_size = page_size
@@ -106,7 +134,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         self.ring_slot = torch.full((N, self.R), -1, **i32)
         self.ring_ev = torch.zeros(N, self.R, dtype=torch.bool, device=self.device)
         self._len_bound = 0
-        self._free_known = int(self.free_top[0]) if hasattr(self, "free_top") else 0
+        self._free_known = self.capacity  # called right after _alloc_pool: every page is free
         self._steps = 0
 
     def reset(self):
@@ -130,7 +158,9 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
     # --- dense view and repacking ----------------------------------------------------------------
     def _dense(self):
         """Held tokens as padded tensors ``keys/values [B, Hkv, S, D]``, ``pos [B, Hkv, S]`` (-1 empty), ``evict``."""
-        keys, values, pos = gather_stream(self.k_pool, self.v_pool, self.pos_pool, self.block_table, self.seq_len)
+        # S from the host's length bound (exact after a pack): no read of seq_len.max() on the host
+        keys, values, pos = gather_stream(self.k_pool, self.v_pool, self.pos_pool, self.block_table, self.seq_len,
+                                          S=self._len_bound)
         S = keys.shape[1]
         # Decisions of held keys: only keys inside the ring range can carry an evict flag (older held keys
         # are kept); the ring entry is valid when it still points at this slot.
@@ -143,35 +173,85 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         B, Hkv = self.B, self.Hkv
         return (keys.view(B, Hkv, S, self.D), values.view(B, Hkv, S, self.DV), pos.view(B, Hkv, S), ev.view(B, Hkv, S))
 
-    def _pack(self, keys, values, pos, ev, headroom_pages: int = 2):
-        """Rewrite the pool with the survivors of ``[B, Hkv, S, ...]`` (dead keys at the current ``seen`` dropped)."""
-        B, Hkv, S = pos.shape
-        N, PS, dev = B * Hkv, self.page_size, self.device
+    def _keep(self, pos, ev):
+        """Survivors of ``pos/ev [B, Hkv, S]`` at the current ``seen`` (dead keys dropped) and their count per stream."""
+        B, Hkv, _ = pos.shape
         seen = self.seen_s.view(B, Hkv).long()[..., None]
         keep = (pos >= 0) & ~(ev & ((seen - pos) > self.window))
-        counts = keep.sum(-1).view(N)
-        S2 = int(counts.max()) if N else 0
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :S2]
-        keep_s = torch.gather(keep, 2, order).view(N, S2)
-        k = torch.gather(keys, 2, order[..., None].expand(-1, -1, -1, keys.shape[-1])).view(N, S2, self.D)
-        v = torch.gather(values, 2, order[..., None].expand(-1, -1, -1, values.shape[-1])).view(N, S2, self.DV)
-        p = torch.gather(pos, 2, order).view(N, S2).masked_fill(~keep_s, -1)
-        e = (torch.gather(ev, 2, order).view(N, S2)) & keep_s
-        nblk = (counts + PS - 1) // PS
-        total = int(nblk.sum())
+        return keep, keep.sum(-1).view(B * Hkv)
+
+    @staticmethod
+    def _counts_to_host(counts):
+        """Start copying the survivor counts to the host; ``.result()`` of the returned object waits for them.
+
+        On CUDA the copy goes to pinned memory behind an event, so that work queued after it (the chunk's
+        attention) keeps the device busy while the host waits for the counts only.
+        """
+        if counts.device.type != "cuda":
+            return _Ready(counts)
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return _Pending(host, ev)
+
+    def _pack(self, keys, values, pos, ev, headroom_pages: int = 2, keep=None, counts=None, counts_host=None):
+        """Rewrite the pool with the survivors of ``[B, Hkv, S, ...]`` (dead keys at the current ``seen`` dropped).
+
+        One host sync: the survivor counts (the pool and block-table sizes depend on them), taken from
+        ``counts_host`` (:meth:`_counts_to_host`) when the caller started that copy early. Every other step
+        is a gather on the device: each destination slot looks up its source key, no boolean indexing.
+        """
+        B, Hkv, S = pos.shape
+        N, PS, dev = B * Hkv, self.page_size, self.device
+        if keep is None:
+            keep, counts = self._keep(pos, ev)
+        if counts_host is None:
+            counts_host = self._counts_to_host(counts)
+        counts_l = counts_host.result().tolist()
+        S2 = max(counts_l, default=0)
+        total = sum(-(-c // PS) for c in counts_l)
         need = total + N * headroom_pages
         if self.capacity < need or self.capacity > 2 * need:
             self._alloc_pool(need)  # grows, or shrinks after sequences finished
-        maxb = max(1, -(-S2 // PS) + headroom_pages)
+        nblk = (counts + PS - 1) // PS
         starts = torch.cumsum(nblk, 0) - nblk
+        maxb = max(1, -(-S2 // PS) + headroom_pages)
         j = torch.arange(maxb, device=dev)
         self.block_table = torch.where(j[None, :] < nblk[:, None], starts[:, None] + j[None, :], 0).to(torch.int32)
-        s = torch.arange(S2, device=dev)
-        page = (starts[:, None] + s[None, :] // PS)[keep_s]
-        off = (s[None, :] % PS).expand(N, S2)[keep_s]
-        self.k_pool[page, off] = k[keep_s].to(self.dtype)
-        self.v_pool[page, off] = v[keep_s].to(self.dtype)
-        self.pos_pool[page, off] = p[keep_s].to(torch.int32)
+        if total:
+            # survivors in position order: order[n, r] = index (in S) of stream n's r-th survivor (a scatter
+            # by running count; dropped keys go to a dump column S2)
+            kf = keep.view(N, S)
+            rank_s = kf.cumsum(-1) - 1
+            order = torch.zeros(N, S2 + 1, dtype=torch.long, device=dev)
+            order.scatter_(1, torch.where(kf, rank_s, S2), torch.arange(S, device=dev).expand(N, S))
+            owner = torch.repeat_interleave(torch.arange(N, device=dev), nblk, output_size=total)  # page -> stream
+            rank = (torch.arange(total, device=dev) - starts[owner])[:, None] * PS + torch.arange(PS, device=dev)
+            ok = rank < counts[owner][:, None]  # [total, PS] slot holds a survivor
+            s_src = order[owner[:, None], rank.clamp(max=S2 - 1)].view(-1)  # source position of every slot
+            o_src = owner.repeat_interleave(PS)
+            b_src, h_src = o_src // Hkv, o_src % Hkv
+            self.k_pool[:total] = _gather_rows(keys, b_src, h_src, s_src).view(total, PS, self.D).to(self.dtype)
+            self.v_pool[:total] = _gather_rows(values, b_src, h_src, s_src).view(total, PS, self.DV).to(self.dtype)
+            src = o_src * S + s_src  # flat index into [N * S]
+            p = torch.where(ok.view(-1), pos.reshape(N * S).index_select(0, src), -1)  # [total * PS]
+            e = ev.reshape(N * S).index_select(0, src) & ok.view(-1)
+            self.pos_pool[:total] = p.view(total, PS).to(torch.int32)
+            # ring entries (decisions still pending or recyclable) of the kept keys; others go to a dump column
+            seen = self.seen_s.long().index_select(0, owner).repeat_interleave(PS)
+            ring = (p >= 0) & (p >= seen - self.R)
+            col = torch.where(ring, p % self.R, self.R)
+            flat = o_src * (self.R + 1) + col
+            rs = torch.full((N * (self.R + 1),), -1, dtype=torch.int32, device=dev)
+            re = torch.zeros(N * (self.R + 1), dtype=torch.bool, device=dev)
+            rs.scatter_(0, flat, rank.view(-1).to(torch.int32))
+            re.scatter_(0, flat, e)
+            self.ring_slot = rs.view(N, self.R + 1)[:, : self.R].contiguous()
+            self.ring_ev = re.view(N, self.R + 1)[:, : self.R].contiguous()
+        else:
+            self.ring_slot = torch.full((N, self.R), -1, dtype=torch.int32, device=dev)
+            self.ring_ev = torch.zeros(N, self.R, dtype=torch.bool, device=dev)
         cap = self.capacity
         free = cap - total
         self.free_stack = torch.cat([torch.arange(cap - 1, total - 1, -1, device=dev),
@@ -180,13 +260,6 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         self.seq_len = counts.to(torch.int32)
         self.held = counts.to(torch.int32)
         self.now = counts.to(torch.int32)
-        ring = (p >= 0) & (p >= seen.view(N, 1) - self.R)
-        n_idx = torch.arange(N, device=dev)[:, None].expand(N, S2)[ring]
-        r_idx = (p % self.R)[ring]
-        self.ring_slot = torch.full((N, self.R), -1, dtype=torch.int32, device=dev)
-        self.ring_ev = torch.zeros(N, self.R, dtype=torch.bool, device=dev)
-        self.ring_slot[n_idx, r_idx] = s[None, :].expand(N, S2)[ring].to(torch.int32)
-        self.ring_ev[n_idx, r_idx] = e[ring]
         self._len_bound = S2
         self._free_known = free
         self._steps = 0
@@ -327,8 +400,11 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         if self._static_max_len is not None:
             raise RuntimeError("a multi-token chunk reached a cache in static (graph) decoding; call end_static first")
         outs, peak = [], None
-        for s in range(0, Tn, self.prefill_chunk):
-            e = s + self.prefill_chunk
+        # The Triton kernels need O(chunk) memory, so one chunk per call by default there (the model's own
+        # activations for the call exist anyway); the fp32 references build chunk x (chunk + held) scores.
+        chunk = self.prefill_chunk or (Tn if self.backend == "triton" else DEFAULT_TORCH_CHUNK)
+        for s in range(0, Tn, chunk):
+            e = s + chunk
             o, now_total = self._chunk(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], logits[:, s:e],
                                        None if valid is None else valid[:, s:e], scaling)
             outs.append(o)
@@ -354,7 +430,12 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         else:
             self._reserve_decode()
             max_len = self._len_bound
-        v1 = torch.ones(B, dtype=torch.bool, device=self.device) if valid is None else valid[:, 0]
+        if valid is None:
+            if getattr(self, "_ones", None) is None or self._ones.shape[0] != B:
+                self._ones = torch.ones(B, dtype=torch.bool, device=self.device)  # kept: no fill kernel per step
+            v1 = self._ones
+        else:
+            v1 = valid[:, 0]
         args = (key[:, :, 0], value[:, :, 0], logits[:, 0].float(), v1, self.seen_s, self.k_pool, self.v_pool,
                 self.pos_pool, self.block_table, self.seq_len, self.held, self.now, self.ring_slot, self.ring_ev,
                 self.free_stack, self.free_top, self.window)
@@ -374,33 +455,57 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         return out[:, :, None]
 
     def _chunk(self, query, key, value, logits, valid, scaling):
+        """One prefill / multi-turn chunk. ``valid`` None means no padding (dms_attention_forward passes None
+        when the whole batch is unpadded, checked once per forward).
+
+        Order of work: the new stream state and its survivor counts come first, so that the counts travel to
+        the host (for the pool size) while the chunk's attention kernels run; then attention; then the pack.
+        """
         B, H, Tn, D = query.shape
         Hkv, W, dev = self.Hkv, self.window, self.device
         self.columns += Tn
+        padded = valid is not None
         if valid is None:
             valid = torch.ones(B, Tn, dtype=torch.bool, device=dev)
-        keys_o, vals_o, pos_o, ev_o = self._dense()
+        S = self._len_bound  # host bound on the held length: 0 for a first prompt (nothing to gather)
         seen = self.seen
         n_valid = valid.sum(-1)
         new_pos = torch.where(valid, seen[:, None] + valid.long().cumsum(-1) - 1, -1)  # [B, Tn]
         # Decisions (as the reference): each real token decides about the previous real token of its row.
-        idx = torch.arange(Tn, device=dev).expand(B, Tn)
-        big = torch.full_like(idx, Tn)
-        vidx = torch.where(valid, idx, big)
-        nxt = torch.cat([vidx[:, 1:], big[:, :1]], dim=1).flip(-1).cummin(-1).values.flip(-1)
-        gathered = torch.gather(logits, 1, nxt.clamp(max=Tn - 1)[..., None].expand(-1, -1, Hkv))
-        new_evict = (gathered > 0) & (nxt < Tn)[..., None] & valid[..., None]  # [B, Tn, Hkv]
-        first = vidx.min(-1).values
-        has_first = first < Tn
-        S = pos_o.shape[-1]
-        out = None
+        if padded:
+            idx = torch.arange(Tn, device=dev).expand(B, Tn)
+            big = torch.full_like(idx, Tn)
+            vidx = torch.where(valid, idx, big)
+            nxt = torch.cat([vidx[:, 1:], big[:, :1]], dim=1).flip(-1).cummin(-1).values.flip(-1)
+            gathered = torch.gather(logits, 1, nxt.clamp(max=Tn - 1)[..., None].expand(-1, -1, Hkv))
+            new_evict = (gathered > 0) & (nxt < Tn)[..., None] & valid[..., None]  # [B, Tn, Hkv]
+            first = vidx.min(-1).values
+        else:  # the next real token is the next column
+            new_evict = torch.cat([logits[:, 1:] > 0, torch.zeros_like(logits[:, :1], dtype=torch.bool)], 1)
+            first = torch.zeros(B, dtype=torch.long, device=dev)
         if S > 0:
+            keys_o, vals_o, pos_o, ev_o = self._dense()
+            has_first = first < Tn
             first_logit = torch.gather(logits, 1, first.clamp(max=Tn - 1)[:, None, None].expand(-1, 1, Hkv))[:, 0]
             pending = (pos_o == (seen - 1)[:, None, None]) & (has_first & (seen > 0))[:, None, None]
             ev_o = ev_o | (pending & (first_logit > 0)[..., None])
             dead = ev_o & ((seen[:, None, None] - pos_o) > W)  # only for window 0: key p-1 hidden from query p
             pos_o = pos_o.masked_fill(dead, -1)
-            if self.backend == "triton":
+            keys_all = torch.cat([keys_o, key.to(self.dtype)], 2)
+            vals_all = torch.cat([vals_o, value.to(self.dtype)], 2)
+            pos_all = torch.cat([pos_o, new_pos[:, None, :].expand(B, Hkv, Tn)], 2)
+            ev_all = torch.cat([ev_o, new_evict.transpose(1, 2)], 2)
+        else:
+            keys_all, vals_all = key.to(self.dtype), value.to(self.dtype)
+            pos_all = new_pos[:, None, :].expand(B, Hkv, Tn)
+            ev_all = new_evict.transpose(1, 2)
+        now_total = (pos_all >= 0).sum().to(torch.int32)
+        self.seen_s = (seen + n_valid).to(torch.int32).repeat_interleave(Hkv)
+        keep, counts = self._keep(pos_all, ev_all)  # survivors after this chunk, at the new `seen`
+        counts_host = self._counts_to_host(counts)
+        triton = self.backend == "triton"
+        if S > 0:
+            if triton:
                 from dms_kernels.decode_attention import chunk_attention
 
                 o_a, lse_a = chunk_attention(query, keys_o, vals_o, new_pos, pos_o, ev_o, W, scaling)
@@ -408,10 +513,9 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
                 o_a, lse_a = masked_attention_lse(query, keys_o, vals_o, new_pos, pos_o, ev_o, W, scaling)
         # Chunk-internal attention: real columns moved to the front (stable), so that column distance is
         # position distance for any padding layout; padding becomes its own document (-1).
-        if bool(valid.all()):  # no padding (the common prompt): no reordering copies
+        if not padded:  # no padding (the common prompt): no reordering copies
             evc = new_evict.transpose(1, 2).contiguous()
-            o_b, lse_b = _hard_chunk_attention(query, key, value, evc, W, None, scaling, self.backend == "triton")
-            o_b, lse_b = o_b.float(), lse_b.float()
+            o_b, lse_b = _hard_chunk_attention(query, key, value, evc, W, None, scaling, triton)
         else:
             order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices  # [B, Tn]
             inv = torch.argsort(order, dim=-1)
@@ -420,24 +524,21 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
             vc = torch.gather(value, 2, order[:, None, :, None].expand(B, Hkv, Tn, value.shape[-1]))
             evc = torch.gather(new_evict, 1, order[..., None].expand(B, Tn, Hkv)).transpose(1, 2).contiguous()
             doc = torch.where(torch.gather(valid, 1, order), 0, -1).to(torch.int32)
-            o_b, lse_b = _hard_chunk_attention(qc, kc, vc, evc, W, doc, scaling, self.backend == "triton")
-            o_b = torch.gather(o_b.float(), 2, inv[:, None, :, None].expand(B, H, Tn, o_b.shape[-1]))
-            lse_b = torch.gather(lse_b.float(), 2, inv[:, None, :].expand(B, H, Tn))
-        if out is None and S > 0:
+            o_b, lse_b = _hard_chunk_attention(qc, kc, vc, evc, W, doc, scaling, triton)
+            o_b = torch.gather(o_b, 2, inv[:, None, :, None].expand(B, H, Tn, o_b.shape[-1]))
+            lse_b = torch.gather(lse_b, 2, inv[:, None, :].expand(B, H, Tn))
+        if S > 0:
+            o_b, lse_b = o_b.float(), lse_b.float()
             m = torch.maximum(lse_a, lse_b).nan_to_num(0.0, neginf=0.0)
-            wa, wb = torch.exp(lse_a - m[..., None].squeeze(-1)), torch.exp(lse_b - m)
+            wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
             out = (o_a * wa[..., None] + o_b * wb[..., None]) / (wa + wb).clamp(min=1e-30)[..., None]
         else:
-            out = o_b
-        out = out.masked_fill(~valid[:, None, :, None], 0.0).to(query.dtype)
-        # State: append the real new keys, prune with the next position, repack the pool.
-        keys_all = torch.cat([keys_o, key.to(self.dtype)], 2)
-        vals_all = torch.cat([vals_o, value.to(self.dtype)], 2)
-        pos_all = torch.cat([pos_o, new_pos[:, None, :].expand(B, Hkv, Tn)], 2)
-        ev_all = torch.cat([ev_o, new_evict.transpose(1, 2)], 2)
-        now_total = (pos_all >= 0).sum().to(torch.int32)
-        self.seen_s = (seen + n_valid).to(torch.int32).repeat_interleave(Hkv)
-        self._pack(keys_all, vals_all, pos_all, ev_all)
+            out = o_b  # a first prompt: the chunk's own attention is the whole answer (no fp32 round trip)
+        if padded:
+            out = out.masked_fill(~valid[:, None, :, None], 0.0)
+        out = out.to(query.dtype)
+        # State: the real new keys appended, pruned at the next position, the pool repacked.
+        self._pack(keys_all, vals_all, pos_all, ev_all, keep=keep, counts=counts, counts_host=counts_host)
         return out, now_total
 
     # --- memory --------------------------------------------------------------------------------------
@@ -466,11 +567,12 @@ class PagedDMSCache(Cache):
         model: a retrofitted model (for the layer count), or ``num_layers``.
         page_size: slots per page (power of two >= 16; 64 default: one 64 x 128 tile per load).
         backend: ``triton`` (CUDA kernels), ``torch`` (references) or ``auto`` (triton on CUDA).
-        prefill_chunk: columns per prefill chunk (bounds prefill activations; see the module doc).
+        prefill_chunk: columns per prefill chunk; default: a whole call per chunk with the Triton kernels
+            (O(chunk) memory), ``DEFAULT_TORCH_CHUNK`` with the PyTorch references (O(chunk^2) scores).
     """
 
     def __init__(self, model=None, num_layers: int | None = None, page_size: int = 64, backend: str = "auto",
-                 prefill_chunk: int = 8192):
+                 prefill_chunk: int | None = None):
         if num_layers is None:
             from .patching import dms_state
 
@@ -479,7 +581,7 @@ class PagedDMSCache(Cache):
             raise ValueError(f"page_size must be a power of two >= 16 (tl.dot tiles); got {page_size}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-        if prefill_chunk < 1:
+        if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1; got {prefill_chunk}")
         if backend == "auto":
             dev = None

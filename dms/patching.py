@@ -96,6 +96,7 @@ def _model_prehook(model, args, kwargs):
     bound = model._dms_sig.bind_partial(*args, **kwargs).arguments
     state.attention_mask = bound.get("attention_mask")
     state.cache = bound.get("past_key_values")
+    state.valid_memo = None
     state.records = {}
     state.plan = None  # built on first use by the layers (masks shared by all layers of this forward)
     if state.enabled and state.cache is None and model.training:

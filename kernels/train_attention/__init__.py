@@ -39,10 +39,18 @@ def _validate(q, k, v, log_keep, window, doc_ids, scale):
     return B, H, hkv, T, D
 
 
-def _prep(q, k, v, log_keep, doc_ids, bounds=None):
+def _dense_rows(t):
+    """Unit last stride and no overlapping or gapped dims beyond the heads/positions permutation."""
+    return t.stride(-1) == 1 and (t.is_contiguous() or t.transpose(1, 2).is_contiguous())
+
+
+def _prep(q, k, v, log_keep, doc_ids, bounds=None, strided=False):
     from .triton_fwd import doc_bounds
 
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if strided and _dense_rows(q) and _dense_rows(k) and k.stride() == v.stride():
+        pass  # forward-only kernel reads transformers' transposed [B, T, H, D] projections in place
+    else:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lk = log_keep.detach().float().contiguous()
     if bounds is None and doc_ids is not None:
         bounds = doc_bounds(doc_ids)  # torch.unique + int(max): two host syncs
@@ -129,8 +137,8 @@ def dms_attention_hard(q, k, v, evict_bool_or_log_keep, window, doc_ids=None, sc
     scale = D ** -0.5 if scale is None else float(scale)
     from .triton_fwd import dms_attention_fwd
 
-    q, k, v, lk, docs = _prep(q, k, v, lk, doc_ids)
-    return dms_attention_fwd(q, k, v, lk, int(window), docs, scale, True)
+    q, k, v, lk, docs = _prep(q, k, v, lk, doc_ids, strided=True)
+    return dms_attention_fwd(q, k, v, lk, int(window), docs, scale, True, out_like_q=True)
 
 
 def dms_attention_flex(q, k, v, log_keep, window, doc_ids=None, scale=None):

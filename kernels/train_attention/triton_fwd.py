@@ -234,18 +234,26 @@ def split_log_keep(lk: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.
     return torch.stack([hi, lo], dim=2).contiguous()
 
 
-def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None):
+def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, out_like_q=False):
     """Launch the forward kernel.
 
     Args: q ``[B, H, T, D]``, k/v ``[B, Hkv, T, D]`` (last dim contiguous), lk ``[B, Hkv, T]`` fp32
     contiguous, docs ``None`` or ``(doc, first, last)`` from :func:`doc_bounds`, lk2 ``None`` or
-    :func:`split_log_keep` of lk (computed here when needed).
+    :func:`split_log_keep` of lk (computed here when needed). q/k/v may be strided views (unit last
+    stride, k and v with equal strides); ``out_like_q`` allocates o with q's strides (a q that is a
+    transposed ``[B, T, H, D]`` projection then gives an o that reshapes to ``[B, T, H * D]`` for free).
     Returns ``o [B, H, T, D]`` (q.dtype) and ``lse [B, H, T]`` fp32 (natural log).
     """
     B, H, T, D = q.shape
     hkv = k.shape[1]
     W = min(int(window), T)  # window >= T behaves as T; keeps the int32 arithmetic in range
-    o = _empty((B, H, T, D), q.dtype, q.device)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and k.stride() == v.stride()
+    if out_like_q:
+        o = torch.empty_like(q)  # same strides as q (dense, non-overlapping)
+        if POISON_OUTPUTS:
+            o.fill_(float("nan"))
+    else:
+        o = _empty((B, H, T, D), q.dtype, q.device)
     lse = _empty((B, H, T), torch.float32, q.device)
     cfg = fwd_config(D, q.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]

@@ -203,6 +203,20 @@ def test_hard_mask_forward():
     assert torch.equal(o, o3)
 
 
+def test_hard_mask_forward_reads_transposed_projections():
+    """transformers hands q/k/v over as transposed [B, T, H, D] views: the forward-only kernel reads them in
+    place and writes o with q's strides (so o.transpose(1, 2) reshapes to [B, T, H * D] without a copy)."""
+    q, k, v, _, gen = _inputs(2, 4, 2, 37, 16, torch.float32, seed=21)
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not qt.is_contiguous()
+    evict = torch.rand(2, 2, 37, generator=gen).to(DEV) < 0.4
+    o, lse = ta.dms_attention_hard(qt, kt, vt, evict, 5)
+    o2, lse2 = dms_attention_reference(q.detach(), k.detach(), v.detach(), hard_log_keep(evict), 5)
+    assert o.stride() == qt.stride() and o.transpose(1, 2).is_contiguous()
+    _check("o", o, o2, torch.float32)
+    _check("lse", lse, lse2, torch.float32)
+
+
 def test_backward_deterministic():
     q, k, v, lk, gen = _inputs(1, 8, 2, 200 if CUDA else 50, 32, torch.bfloat16 if CUDA else torch.float32, seed=17)
     outs = []
