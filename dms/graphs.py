@@ -41,6 +41,8 @@ class GraphedDecodeStep:
         horizon: decode steps per capture (pages for that many tokens are reserved up front).
         cuda_graph: capture and replay (default: when the model is on CUDA). With False the static-mode
             step runs eagerly (same cache code path; used on CPU and as the reference in tests).
+        fuse: run the step's elementwise chains as fused Triton kernels (:mod:`dms.decode_fusion`);
+            default: when capturing CUDA graphs.
 
     The returned logits of a replay live in a buffer that the next step overwrites; clone to keep them.
     Call :meth:`close` (or use it as a context manager) before other cache operations (another prompt
@@ -48,7 +50,7 @@ class GraphedDecodeStep:
     """
 
     def __init__(self, model, cache: PagedDMSCache, horizon: int = 128, cuda_graph: bool | None = None,
-                 forward=None):
+                 forward=None, fuse: bool | None = None):
         from .shared_prefix import SharedPrefixDMSCache
 
         if not isinstance(cache, (PagedDMSCache, SharedPrefixDMSCache)):
@@ -68,6 +70,11 @@ class GraphedDecodeStep:
         if cuda_graph and getattr(cache, "backend", "triton") != "triton":
             raise ValueError("cuda_graph=True needs the paged cache's triton backend (PagedDMSCache(backend='triton'))")
         self.model, self.cache, self.horizon, self.cuda_graph = model, cache, int(horizon), bool(cuda_graph)
+        from .decode_fusion import fusion_available
+
+        if fuse and not fusion_available(self.device):
+            raise ValueError(f"fuse=True needs CUDA (or TRITON_INTERPRET=1) and Triton; the model is on {self.device}")
+        self.fuse = bool(self.cuda_graph and fusion_available(self.device)) if fuse is None else bool(fuse)
         self._call = forward or model  # the un-wrapped forward when enable_graph_decoding wraps the model
         self.graph = None
         self.left = 0
@@ -78,8 +85,11 @@ class GraphedDecodeStep:
 
     # --- one step --------------------------------------------------------------------------------------
     def _forward(self, input_ids, position_ids):
-        out = self._call(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        from .decode_fusion import fused_decode_ops
+
+        with fused_decode_ops(self.model, self.fuse):
+            out = self._call(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     def _begin(self):
@@ -177,7 +187,7 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   top_k: int = 0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
                   pad_token_id: int | None = None, cuda_graph: bool | None = None, horizon: int = 128,
                   generator: torch.Generator | None = None, streamer=None, cache: PagedDMSCache | None = None,
-                  **cache_kwargs) -> FastGenerateOutput:
+                  fuse: bool | None = None, **cache_kwargs) -> FastGenerateOutput:
     """Generate with the paged DMS cache and graph-replayed decode steps (see module doc).
 
     Prompts may be left-padded (``attention_mask`` 0 = padding, never cached); positions follow
@@ -185,6 +195,7 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     default to the model's generation config, as in ``model.generate``; rows that produced an eos
     continue with the pad id (else the first eos id), and generation stops when every row has. ``streamer`` gets ``put``/``end`` as in
     transformers. ``cache``: continue an existing paged cache (multi-turn) instead of a new one.
+    ``fuse``: fused elementwise kernels in the decode step (:mod:`dms.decode_fusion`; default with CUDA graphs).
     """
     from .patching import dms_state
 
@@ -224,7 +235,7 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     eos_t = torch.tensor(eos, device=dev) if eos else None
     new = []
     sample = _sampler(do_sample, temperature, top_k, top_p, generator)
-    step = GraphedDecodeStep(model, cache, horizon=horizon, cuda_graph=cuda_graph)
+    step = GraphedDecodeStep(model, cache, horizon=horizon, cuda_graph=cuda_graph, fuse=fuse)
     try:
         for i in range(max_new_tokens):
             tok = sample(logits)
@@ -269,7 +280,7 @@ def close_graph_step(cache) -> None:
         step.close()
 
 
-def enable_graph_decoding(model, horizon: int = 128, cuda_graph: bool | None = None):
+def enable_graph_decoding(model, horizon: int = 128, cuda_graph: bool | None = None, fuse: bool | None = None):
     """Route one-token steps of ``model(...)`` / ``model.generate()`` through :class:`GraphedDecodeStep`.
 
     Applies when the step's cache is a :class:`PagedDMSCache` (after its prefill) or a shared-prefix
@@ -277,7 +288,8 @@ def enable_graph_decoding(model, horizon: int = 128, cuda_graph: bool | None = N
     asked for; everything else runs the model's own forward (and first leaves static mode, so prompt
     chunks of a multi-turn conversation and beam reorders work as before). ``model.generate()`` still
     runs its own Python per step (logits processors, stopping criteria), but the model's step is one
-    graph replay. On CPU (or ``cuda_graph=False``) the static-mode steps run eagerly.
+    graph replay. On CPU (or ``cuda_graph=False``) the static-mode steps run eagerly. ``fuse``: fused
+    elementwise kernels in the step (:mod:`dms.decode_fusion`; default with CUDA graphs).
     Returns the model; :func:`disable_graph_decoding` undoes it.
     """
     if horizon < 1:
@@ -287,7 +299,7 @@ def enable_graph_decoding(model, horizon: int = 128, cuda_graph: bool | None = N
     if getattr(model, "_dms_graph_original_forward", None) is None:
         model._dms_graph_original_forward = model.forward
     original = model._dms_graph_original_forward
-    model._dms_graph_settings = dict(horizon=int(horizon), cuda_graph=cuda_graph)
+    model._dms_graph_settings = dict(horizon=int(horizon), cuda_graph=cuda_graph, fuse=fuse)
 
     @functools.wraps(original)  # keeps the signature: generate() passes position_ids only if forward takes them
     def forward(*args, **kwargs):

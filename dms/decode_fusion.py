@@ -1,0 +1,155 @@
+"""Fused elementwise kernels in a transformers model's decode step (``dms_kernels.fused_ops``).
+
+A one-token decode step of a Llama-style layer runs about 60 kernels; most are elementwise chains of a
+few microseconds each (RMSNorm: 8, rotary embedding: 10, the retention head: 5, SiLU-gate: 2), which
+together cost about as much as reading the layer's weights at batch 8 (docs/benchmarks.md). Inside
+:func:`fused_decode_ops` those chains run as one Triton kernel each:
+
+- every ``*RMSNorm`` of the supported families (input/post-attention norms, the final norm, Qwen3's
+  q/k norms) -> ``rms_norm``;
+- ``apply_rotary_pos_emb`` of the model's modeling module -> ``rope`` (q and k in one launch);
+- the gated MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` with SiLU -> ``silu_mul``;
+- :class:`dms.heads.AdapterRetentionHead` -> ``retention_head``.
+
+The kernels round where transformers rounds, so bf16 results match the unfused ops (up to the RMSNorm
+reduction order). The swap is per instance (``module.forward``) and per modeling module (the rope
+function), and is undone on exit. :class:`dms.graphs.GraphedDecodeStep` uses it on CUDA (``fuse=None``),
+so the captured graph holds the fused kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+import torch.nn as nn
+
+from .heads import AdapterRetentionHead
+
+FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _family(module) -> str | None:
+    mod = type(module).__module__
+    for fam in FAMILY_MODULES:
+        if mod == f"transformers.models.{fam}.modeling_{fam}":
+            return fam
+    return None
+
+
+def _is_rms_norm(m) -> bool:
+    return (_family(m) is not None and type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and m.weight.dim() == 1 and hasattr(m, "variance_epsilon"))
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _is_gated_mlp(m) -> bool:
+    return (_family(m) is not None and type(m).__name__.endswith("MLP") and _is_silu(getattr(m, "act_fn", None))
+            and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _rms_forward(m):
+    from dms_kernels.fused_ops import rms_norm
+
+    def forward(hidden_states):
+        return rms_norm(hidden_states, m.weight, m.variance_epsilon)
+
+    return forward
+
+
+def _mlp_forward(m):
+    from dms_kernels.fused_ops import silu_mul
+
+    def forward(x):
+        return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
+
+    return forward
+
+
+def _head_forward(m: AdapterRetentionHead):
+    from dms_kernels.fused_ops import retention_head
+
+    def forward(x):
+        return retention_head(x, m.norm_weight, m.proj.weight, m.proj.bias, m.eps)
+
+    return forward
+
+
+def _rope_fn(original):
+    from dms_kernels.fused_ops import rope
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = kwargs.pop("unsqueeze_dim", args[0] if args else 1)
+        ok = (unsqueeze_dim == 1 and not kwargs and len(args) <= 1 and q.dim() == 4 and cos.dim() == 3
+              and cos.shape[-1] == q.shape[-1] and q.dtype == k.dtype == cos.dtype == sin.dtype)
+        if not ok:  # partial rotary, other layouts: transformers' own function
+            return original(q, k, cos, sin, *args, **kwargs)
+        return rope(q, k, cos, sin)
+
+    return apply_rotary_pos_emb
+
+
+def fusable(model) -> dict:
+    """What :func:`fused_decode_ops` would swap in ``model``: counts per kind (for logs and tests)."""
+    n = dict(rms_norm=0, mlp=0, retention_head=0, rope_modules=0)
+    mods = set()
+    for m in model.modules():
+        n["rms_norm"] += _is_rms_norm(m)
+        n["mlp"] += _is_gated_mlp(m)
+        n["retention_head"] += isinstance(m, AdapterRetentionHead)
+        if _family(m) is not None and type(m).__name__.endswith("Attention"):
+            mods.add(type(m).__module__)
+    n["rope_modules"] = sum(hasattr(sys.modules[name], "apply_rotary_pos_emb") for name in mods)
+    return n
+
+
+@contextlib.contextmanager
+def fused_decode_ops(model, enabled: bool = True):
+    """While active, ``model``'s elementwise chains run as fused Triton kernels (see the module doc).
+
+    Needs CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU (tests). Nested use is a no-op.
+    """
+    if not enabled or getattr(model, "_dms_fused", False):
+        yield model
+        return
+    patched: list[nn.Module] = []
+    rope_saved: dict[str, object] = {}
+    try:
+        for m in model.modules():
+            if _is_rms_norm(m):
+                m.forward = _rms_forward(m)
+            elif _is_gated_mlp(m):
+                m.forward = _mlp_forward(m)
+            elif isinstance(m, AdapterRetentionHead):
+                m.forward = _head_forward(m)
+            else:
+                if _family(m) is not None and type(m).__name__.endswith("Attention"):
+                    name = type(m).__module__
+                    mod = sys.modules[name]
+                    if name not in rope_saved and hasattr(mod, "apply_rotary_pos_emb"):
+                        rope_saved[name] = mod.apply_rotary_pos_emb
+                        mod.apply_rotary_pos_emb = _rope_fn(rope_saved[name])
+                continue
+            patched.append(m)
+        model._dms_fused = True
+        yield model
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+        for name, fn in rope_saved.items():
+            sys.modules[name].apply_rotary_pos_emb = fn
+        model._dms_fused = False
+
+
+def fusion_available(device: torch.device) -> bool:
+    """Fused kernels can run here: CUDA with Triton, or the Triton interpreter."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

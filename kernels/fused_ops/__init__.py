@@ -1,0 +1,46 @@
+"""Fused elementwise ops for the decode step: one kernel where transformers launches a chain of them.
+
+At decode (a few rows per step) every elementwise op is a separate kernel of a few microseconds; a
+Llama layer launches about 60. These kernels cover the chains with the most launches, each matching the
+transformers computation (including where it rounds to the model dtype):
+
+- ``rms_norm(x, weight, eps)``: Llama/Mistral/Qwen RMSNorm, ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``
+  (8 kernels in transformers);
+- ``rope(q, k, cos, sin)``: ``apply_rotary_pos_emb`` for q and k in one launch (10 kernels);
+- ``silu_mul(gate, up)``: ``silu(gate) * up`` of the gated MLP (2 kernels);
+- ``retention_head(x, norm_weight, proj_weight, proj_bias, eps)``: DMS's adapter head,
+  ``Linear(RMSNorm(x32))`` in fp32 (5 kernels).
+
+``reference.py`` holds the PyTorch forms (the transformers code paths), ``triton_ops.py`` the kernels.
+``dms.decode_fusion`` swaps them into a model for graphed decoding.
+"""
+from __future__ import annotations
+
+from .reference import retention_head_reference, rms_norm_reference, rope_reference, silu_mul_reference
+
+__all__ = ["retention_head", "retention_head_reference", "rms_norm", "rms_norm_reference", "rope",
+           "rope_reference", "silu_mul", "silu_mul_reference"]
+
+
+def rms_norm(*args, **kwargs):
+    from .triton_ops import rms_norm as _f
+
+    return _f(*args, **kwargs)
+
+
+def rope(*args, **kwargs):
+    from .triton_ops import rope as _f
+
+    return _f(*args, **kwargs)
+
+
+def silu_mul(*args, **kwargs):
+    from .triton_ops import silu_mul as _f
+
+    return _f(*args, **kwargs)
+
+
+def retention_head(*args, **kwargs):
+    from .triton_ops import retention_head as _f
+
+    return _f(*args, **kwargs)

@@ -1,0 +1,248 @@
+"""Triton kernels of the fused decode ops (semantics and rounding points: reference.py).
+
+Everything is computed in fp32, with a round trip through the model dtype (``.to(bf16).to(fp32)``)
+where transformers rounds (after each product of the rotary embedding, after SiLU, after the RMSNorm
+normalisation). The GPU compiler does not keep every such rounding (on the H100, 25% of bf16 rope outputs
+came out one unit off transformers', as a fused multiply-add would give), so results agree with the
+unfused ops to one unit in the last place in bf16/fp16, and in fp32 to the reduction order. (Arithmetic
+in bf16 itself is not an option: the CPU interpreter that CI runs gets bf16 arithmetic wrong.)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# Set by tests: outputs start as NaN so that an element a kernel fails to write fails the comparison.
+POISON_OUTPUTS = False
+
+
+def _new(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _new_like(t):
+    out = torch.empty_like(t)  # keeps t's strides (q and k arrive as transposed views)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, Y, C, sx, sy, eps, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_ptr = X + row * sx
+    y_ptr = Y + row * sy
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK)
+        m = offs < C
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(x * x, 0) / C + eps)
+        h = (x * r).to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, (w * h).to(Y.dtype.element_ty), mask=m)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < C, other=0.0).to(tl.float32)
+            acc += x * x
+        r = tl.math.rsqrt(tl.sum(acc, 0) / C + eps)
+        for c0 in range(0, C, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            m = offs < C
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            h = (x * r).to(X.dtype.element_ty).to(tl.float32)
+            w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs, (w * h).to(Y.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fused :func:`reference.rms_norm_reference` over the last dim of ``x`` (any leading shape)."""
+    C = x.shape[-1]
+    if weight.shape != (C,):
+        raise ValueError(f"weight shape {tuple(weight.shape)} != ({C},)")
+    x2 = x.reshape(-1, C)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    y = _new(x2.shape, out_dtype, x.device)
+    if x2.shape[0]:
+        one = C <= 8192
+        blk = _pow2(C) if one else 2048
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, C, x2.stride(0), y.stride(0), float(eps),
+                                         BLOCK=blk, ONE_PASS=one, num_warps=8 if blk >= 4096 else 4)
+    return y.view(*x.shape[:-1], C)
+
+
+@triton.jit
+def _rope_kernel(Q, K, COS, SIN, QO, KO, T, D,
+                 sqb, sqh, sqt, skb, skh, skt, sob, soh, sot, sjb, sjh, sjt, scb, sct, ssb, sst,
+                 H: tl.constexpr, HKV: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BHK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    d = tl.arange(0, BD)
+    dm = d < D
+    half = D // 2
+    partner = tl.where(d < half, d + half, d - half)
+    c = tl.load(COS + b * scb + t * sct + d, mask=dm, other=0.0).to(tl.float32)
+    s = tl.load(SIN + b * ssb + t * sst + d, mask=dm, other=0.0).to(tl.float32)
+    neg = (d < half)[None, :]
+    h = tl.arange(0, BH)
+    m = (h < H)[:, None] & dm[None, :]
+    base = Q + b * sqb + t * sqt + h[:, None] * sqh
+    x = tl.load(base + d[None, :], mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(base + partner[None, :], mask=m, other=0.0).to(tl.float32)
+    ps = (xp * s[None, :]).to(Q.dtype.element_ty).to(tl.float32)
+    out = (x * c[None, :]).to(Q.dtype.element_ty).to(tl.float32) + tl.where(neg, -ps, ps)
+    tl.store(QO + b * sob + t * sot + h[:, None] * soh + d[None, :], out.to(QO.dtype.element_ty), mask=m)
+    hk = tl.arange(0, BHK)
+    mk = (hk < HKV)[:, None] & dm[None, :]
+    kbase = K + b * skb + t * skt + hk[:, None] * skh
+    x = tl.load(kbase + d[None, :], mask=mk, other=0.0).to(tl.float32)
+    xp = tl.load(kbase + partner[None, :], mask=mk, other=0.0).to(tl.float32)
+    ps = (xp * s[None, :]).to(K.dtype.element_ty).to(tl.float32)
+    out = (x * c[None, :]).to(K.dtype.element_ty).to(tl.float32) + tl.where(neg, -ps, ps)
+    tl.store(KO + b * sjb + t * sjt + hk[:, None] * sjh + d[None, :], out.to(KO.dtype.element_ty), mask=mk)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Fused :func:`reference.rope_reference`: q ``[B, H, T, D]``, k ``[B, Hkv, T, D]`` (any strides with a
+    unit last stride), cos/sin ``[B or 1, T, D]`` in the dtype of q. Returns new tensors laid out like q, k."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape != (B, Hkv, T, D) or cos.shape[-2:] != (T, D) or sin.shape != cos.shape or D % 2:
+        raise ValueError(f"rope: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "
+                         f"sin {tuple(sin.shape)}: expected [B, H, T, D], [B, Hkv, T, D], [B, T, D] with even D")
+    if q.dtype != k.dtype or cos.dtype != q.dtype or sin.dtype != q.dtype:
+        raise ValueError(f"rope: dtypes q {q.dtype}, k {k.dtype}, cos {cos.dtype}, sin {sin.dtype} must match")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    cb = cos.stride(0) if cos.shape[0] == B else 0
+    sb = sin.stride(0) if sin.shape[0] == B else 0
+    qo, ko = _new_like(q), _new_like(k)
+    if B * T:
+        BD = _pow2(D)
+        _rope_kernel[(B * T,)](q, k, cos, sin, qo, ko, T, D,
+                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                               qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+                               cb, cos.stride(-2), sb, sin.stride(-2),
+                               H=H, HKV=Hkv, BD=BD, BH=_pow2(H), BHK=_pow2(Hkv), num_warps=4)
+    return qo, ko
+
+
+@triton.jit
+def _silu_mul_kernel(G, U, O, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)
+    tl.store(O + offs, (a * u).to(O.dtype.element_ty), mask=m)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused :func:`reference.silu_mul_reference` (same shapes and dtype)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = _new_like(gate)
+    n = gate.numel()
+    if n:
+        blk = 1024
+        _silu_mul_kernel[(triton.cdiv(n, blk),)](gate, up, out, n, BLOCK=blk, num_warps=4)
+    return out
+
+
+@triton.jit
+def _retention_head_kernel(X, NW, PW, PB, Z, C, sx, eps, NOUT, BLOCK: tl.constexpr):
+    # One program per (row, output): z = rsqrt(mean(x^2) + eps) * sum(x * norm_w * proj_w[o]) + b[o], one
+    # pass over the row (the scale factors out of the sum). At decode (8 rows x 8 KV heads) that is 64
+    # programs; one program per row measured 15.6 us per layer on the H100 (8 programs, each reading all
+    # of proj_w).
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.program_id(1)
+    x_ptr = X + row * sx
+    w_ptr = PW + o.to(tl.int64) * C
+    sq = tl.zeros([BLOCK], dtype=tl.float32)
+    dot = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        m = offs < C
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        nw = tl.load(NW + offs, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        sq += x * x
+        dot += x * nw * w
+    r = tl.math.rsqrt(tl.sum(sq, 0) / C + eps)
+    tl.store(Z + row * NOUT + o, tl.sum(dot, 0) * r + tl.load(PB + o).to(tl.float32))
+
+
+@triton.jit
+def _retention_head_rows_kernel(X, NW, PW, PB, Z, R, C, sx, eps, NOUT,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NO_P2: tl.constexpr,
+                                IN_PREC: tl.constexpr):
+    # Many rows (prefill): BLOCK_R rows per program, x read once; z = r * ((x * norm_w) @ proj_w^T) + b, the
+    # product in fp32 accuracy on the tensor cores (3xTF32; "ieee" FMA products measured 0.34 ms per 8K-token
+    # layer on the H100), proj_w re-read per program from L2.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = rows < R
+    o = tl.arange(0, NO_P2)
+    om = o < NOUT
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, NO_P2], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        cm = offs < C
+        x = tl.load(X + rows.to(tl.int64)[:, None] * sx + offs[None, :], mask=rm[:, None] & cm[None, :],
+                    other=0.0).to(tl.float32)
+        nw = tl.load(NW + offs, mask=cm, other=0.0).to(tl.float32)
+        wt = tl.load(PW + o[None, :] * C + offs[:, None], mask=om[None, :] & cm[:, None], other=0.0).to(tl.float32)
+        sq += tl.sum(x * x, 1)
+        acc = tl.dot(x * nw[None, :], wt, acc, input_precision=IN_PREC)
+    r = tl.math.rsqrt(sq / C + eps)
+    bias = tl.load(PB + o, mask=om, other=0.0).to(tl.float32)
+    z = acc * r[:, None] + bias[None, :]
+    tl.store(Z + rows.to(tl.int64)[:, None] * NOUT + o[None, :], z, mask=rm[:, None] & om[None, :])
+
+
+# Rows up to which one program per (row, output) is used (decode); above, blocks of rows (prefill).
+HEAD_ROWS_PER_OUTPUT = 64
+
+
+def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float) -> torch.Tensor:
+    """Fused :func:`reference.retention_head_reference`: x ``[..., C]`` -> fp32 ``[..., n_out]``."""
+    C = x.shape[-1]
+    n_out = proj_weight.shape[0]
+    if proj_weight.shape != (n_out, C) or norm_weight.shape != (C,) or proj_bias.shape != (n_out,):
+        raise ValueError(f"retention_head: x [..., {C}], norm {tuple(norm_weight.shape)}, proj "
+                         f"{tuple(proj_weight.shape)}, bias {tuple(proj_bias.shape)} do not fit")
+    x2 = x.reshape(-1, C)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    pw, nw, pb = proj_weight.contiguous(), norm_weight.contiguous(), proj_bias.contiguous()
+    z = _new((x2.shape[0], n_out), torch.float32, x.device)
+    R = x2.shape[0]
+    if 0 < R <= HEAD_ROWS_PER_OUTPUT:
+        blk = max(16, min(_pow2(C), 1024))
+        _retention_head_kernel[(R, n_out)](x2, nw, pw, pb, z, C, x2.stride(0), float(eps), n_out,
+                                           BLOCK=blk, num_warps=4)
+    elif R:
+        br, bc = 64, 64
+        _retention_head_rows_kernel[(triton.cdiv(R, br),)](x2, nw, pw, pb, z, R, C, x2.stride(0), float(eps), n_out,
+                                                           BLOCK_R=br, BLOCK_C=bc, NO_P2=max(16, _pow2(n_out)),
+                                                           IN_PREC="ieee" if x.device.type == "cpu" else "tf32x3",
+                                                           num_warps=4)
+    return z.view(*x.shape[:-1], n_out)
