@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4,
                    help="decoder layers of the e2e model (32 = the whole Llama-3-8B shape; fewer are extrapolated)")
     p.add_argument("--prefill-layers", type=int, default=4, help="layers used by the prefill rows")
+    p.add_argument("--prefill-reps", type=int, default=9,
+                   help="timed prefills per row (median; 3 gave medians 37.8 vs 42.3 ms for one 8K row in two runs)")
     p.add_argument("--contexts", default="8192,32768")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--window", type=int, default=256)
@@ -278,15 +280,16 @@ def fill_paged(cache, lens, ctx, B, Hkv, D, dev, gen):
         layer.columns = ctx
 
 
-def time_paged_step(args, model, cache, ids, ctx, timer):
-    """Median ms of one decode step through the paged cache: CUDA-graph replays (dms.graphs) or eager calls."""
+def time_paged_step(args, model, cache, ids, ctx, timer, fuse=None):
+    """Median ms of one decode step through the paged cache: CUDA-graph replays (dms.graphs) or eager calls.
+    ``fuse``: fused elementwise kernels in the step (dms.decode_fusion; None = the default, on with graphs)."""
     warmup = 3
     if args.cuda_graphs == "on" and ids.device.type == "cuda":
         from dms.graphs import GraphedDecodeStep
 
         pos = torch.full_like(ids, ctx)
         # first call: eager warm step; second: capture + replay; both inside the warmup
-        with GraphedDecodeStep(model, cache, horizon=warmup + args.steps + 2) as step:
+        with GraphedDecodeStep(model, cache, horizon=warmup + args.steps + 2, fuse=fuse) as step:
             return timer.median_ms(lambda: step(ids, pos), warmup=warmup, reps=args.steps)
     return timer.median_ms(lambda: model(ids, past_key_values=cache, use_cache=True), warmup=warmup, reps=args.steps)
 
@@ -298,7 +301,7 @@ def profile_call(fn, rows, info, top=15):
 
     fn()  # warm
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
@@ -316,6 +319,13 @@ def profile_call(fn, rows, info, top=15):
         rows.append(dict(section="profile", kernel=name[:120], us=us, calls=k, share=us / max(total, 1e-9), **info))
         print(f"  {us / 1e3:8.3f} ms {k:5d}x  {name[:100]}", flush=True)
     rows.append(dict(section="profile_total", busy_ms=total / 1e3, wall_ms=wall, kernels=n, **info))
+    # host side: where the wall time that the device sits idle goes (syncs show as cudaStreamSynchronize,
+    # cudaMemcpyAsync of device->host copies, aten::item / aten::nonzero)
+    cpu = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    print("  host self time:", flush=True)
+    for e in cpu[:12]:
+        rows.append(dict(section="profile_host", op=e.key[:120], self_cpu_us=e.self_cpu_time_total, calls=e.count, **info))
+        print(f"  {e.self_cpu_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:100]}", flush=True)
 
 
 def layer_window(cache):
@@ -381,9 +391,17 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                     ms = time_paged_step(args, model, cache, ids, ctx, timer)
                     st = cache.stats()
                     res[(name, ctx, B)] = ms
+                    if name == "cr8" and ctx == max(args.ctxs) and B == 8 and args.cuda_graphs == "on":
+                        # side by side: the same step without the fused elementwise kernels
+                        res[("cr8_unfused", ctx, B)] = time_paged_step(args, model, cache, ids, ctx, timer, fuse=False)
+                        print(f"  cr8 32K/B8 graphed step: fused {ms:.2f} ms, unfused "
+                              f"{res[('cr8_unfused', ctx, B)]:.2f} ms", flush=True)
                     if profile_at == (name, ctx, B):
-                        profile_call(lambda: model(ids, past_key_values=cache, use_cache=True), rows,
-                                     dict(what="decode step", context=ctx, batch=B, graphed_ms=ms))
+                        from dms.decode_fusion import fused_decode_ops
+
+                        with fused_decode_ops(model, dev.type == "cuda"):
+                            profile_call(lambda: model(ids, past_key_values=cache, use_cache=True), rows,
+                                         dict(what="decode step (fused ops)", context=ctx, batch=B, graphed_ms=ms))
                     res[(name + "_live", ctx, B)] = st["bytes_live"]
                     res[(name + "_alloc", ctx, B)] = st["bytes_allocated"]
                 except torch.OutOfMemoryError:
@@ -396,6 +414,7 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
             L, F = cfg.num_hidden_layers, fixed[B]
             scale32 = lambda t: None if t is None else F + (t - F) * 32 / L  # noqa: E731
             row = dict(section="e2e_step", layers=L, context=ctx, batch=B, cr8_ms=c, dense_same_engine_ms=d,
+                       cr8_unfused_ms=res.get(("cr8_unfused", ctx, B)),
                        transformers_sdpa_ms=hf, fixed_ms=F, floor_ms=floor_ms,
                        speedup_vs_dense=(d / c) if (c and d) else None,
                        speedup_vs_transformers=(hf / c) if (c and hf) else None,
@@ -540,7 +559,7 @@ def _bench_prefill(args, model, dev, timer, rows):
 
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ms = timer.median_ms(run, warmup=1, reps=3 if not args.smoke else 1)
+            ms = timer.median_ms(run, warmup=2, reps=args.prefill_reps if not args.smoke else 1)
             st = holder["c"].stats()
             if args.profile and dev.type == "cuda" and ctx == min(args.ctxs):
                 profile_call(run, rows, dict(what=f"prefill {name}", context=ctx, batch=1, ms=ms))
@@ -554,7 +573,7 @@ def _bench_prefill(args, model, dev, timer, rows):
             with torch.no_grad(), dms.dms_disabled(model):
                 model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
 
-        sdpa_ms = timer.median_ms(run_sdpa, warmup=1, reps=3 if not args.smoke else 1)
+        sdpa_ms = timer.median_ms(run_sdpa, warmup=2, reps=args.prefill_reps if not args.smoke else 1)
         row = dict(section="prefill", layers=len(model.model.layers), context=ctx, batch=1, cr8_ms=res["cr8"]["ms"],
                    no_evict_ms=res["dense"]["ms"], sdpa_dense_ms=sdpa_ms,
                    ratio_vs_dense=res["dense"]["ms"] / sdpa_ms, cr8_ratio_vs_dense=res["cr8"]["ms"] / sdpa_ms,
@@ -675,6 +694,8 @@ def _main(argv=None) -> int:
         prefill_memory_cr=pb.get("memory_cr"),
         decode_step_speedup_32k_b8=e2e.get("speedup_vs_dense"),
         decode_step_vs_floor_32k_b8=e2e.get("vs_floor"),
+        decode_step_unfused_over_fused_32k_b8=(e2e["cr8_unfused_ms"] / e2e["cr8_ms"])
+        if e2e.get("cr8_unfused_ms") and e2e.get("cr8_ms") else None,
         speedup_vs_transformers_32k_b8=e2e.get("speedup_vs_transformers"),
         fixed_memory_throughput_gain=fm.get("gain"),
         prefill_ratio_vs_dense=pb.get("ratio_vs_dense"),
