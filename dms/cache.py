@@ -16,6 +16,29 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def chunk_decisions(logits: torch.Tensor, valid: torch.Tensor | None):
+    """Eviction decisions of a chunk's new keys: each real token decides about the previous real token of its row.
+
+    Args: logits ``[B, Tn, Hkv]`` (evict iff > 0), valid ``[B, Tn]`` bool or None (no padding).
+    Returns: ``evict [B, Tn, Hkv]`` for the chunk's keys (False for the last real key of a row, whose decision
+    comes with the next token, and for padding) and ``first [B]``, the first real column of each row (``Tn``
+    if none): its logit decides about the last key cached before the chunk.
+    """
+    B, Tn, _ = logits.shape
+    dev = logits.device
+    if valid is None:  # the next real token is the next column
+        evict = torch.cat([logits[:, 1:] > 0, torch.zeros_like(logits[:, :1], dtype=torch.bool)], 1)
+        return evict, torch.zeros(B, dtype=torch.long, device=dev)
+    idx = torch.arange(Tn, device=dev).expand(B, Tn)
+    big = torch.full_like(idx, Tn)
+    vidx = torch.where(valid, idx, big)
+    # next_valid[j] = smallest valid index > j (Tn if none)
+    nxt = torch.cat([vidx[:, 1:], big[:, :1]], dim=1).flip(-1).cummin(-1).values.flip(-1)
+    gathered = torch.gather(logits, 1, nxt.clamp(max=Tn - 1)[..., None].expand(-1, -1, logits.shape[-1]))
+    evict = (gathered > 0) & (nxt < Tn)[..., None] & valid[..., None]
+    return evict, vidx.min(-1).values
+
+
 class DMSLayerProtocol(CacheLayerMixin):
     """The transformers cache-layer protocol shared by every DMS layer (reference, paged, shared prefix).
 
@@ -127,15 +150,7 @@ class DMSCacheLayer(DMSLayerProtocol):
         n_valid = valid.sum(-1)
         new_pos = torch.where(valid, self.seen[:, None] + valid.long().cumsum(-1) - 1, -1)  # [B, Tn]
 
-        # Decisions: each real token decides about the previous real token of its row.
-        idx = torch.arange(Tn, device=dev).expand(B, Tn)
-        big = torch.full_like(idx, Tn)
-        vidx = torch.where(valid, idx, big)
-        # next_valid[j] = smallest valid index > j (Tn if none)
-        nxt = torch.cat([vidx[:, 1:], big[:, :1]], dim=1).flip(-1).cummin(-1).values.flip(-1)
-        gathered = torch.gather(logits, 1, nxt.clamp(max=Tn - 1)[..., None].expand(-1, -1, Hkv))
-        new_evict = (gathered > 0) & (nxt < Tn)[..., None] & valid[..., None]  # [B, Tn, Hkv]
-        first = vidx.min(-1).values  # first valid column per row
+        new_evict, first = chunk_decisions(logits, valid)
         has_first = first < Tn
         if self.pos.shape[-1] > 0:
             first_logit = torch.gather(logits, 1, first.clamp(max=Tn - 1)[:, None, None].expand(-1, 1, Hkv))[:, 0]

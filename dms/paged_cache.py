@@ -38,7 +38,7 @@ from dms_kernels.decode_attention import (
     ring_size,
 )
 
-from .cache import DMSLayerProtocol
+from .cache import DMSLayerProtocol, chunk_decisions
 
 CACHE_KINDS = ("auto", "paged", "reference")
 DEFAULT_TORCH_CHUNK = 8192  # prefill chunk of the PyTorch-reference backend (its score tensors are chunk^2)
@@ -471,18 +471,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         seen = self.seen
         n_valid = valid.sum(-1)
         new_pos = torch.where(valid, seen[:, None] + valid.long().cumsum(-1) - 1, -1)  # [B, Tn]
-        # Decisions (as the reference): each real token decides about the previous real token of its row.
-        if padded:
-            idx = torch.arange(Tn, device=dev).expand(B, Tn)
-            big = torch.full_like(idx, Tn)
-            vidx = torch.where(valid, idx, big)
-            nxt = torch.cat([vidx[:, 1:], big[:, :1]], dim=1).flip(-1).cummin(-1).values.flip(-1)
-            gathered = torch.gather(logits, 1, nxt.clamp(max=Tn - 1)[..., None].expand(-1, -1, Hkv))
-            new_evict = (gathered > 0) & (nxt < Tn)[..., None] & valid[..., None]  # [B, Tn, Hkv]
-            first = vidx.min(-1).values
-        else:  # the next real token is the next column
-            new_evict = torch.cat([logits[:, 1:] > 0, torch.zeros_like(logits[:, :1], dtype=torch.bool)], 1)
-            first = torch.zeros(B, dtype=torch.long, device=dev)
+        new_evict, first = chunk_decisions(logits, valid if padded else None)  # as the reference cache
         if S > 0:
             keys_o, vals_o, pos_o, ev_o = self._dense()
             has_first = first < Tn
