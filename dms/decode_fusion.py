@@ -9,7 +9,9 @@ together cost about as much as reading the layer's weights at batch 8 (docs/benc
   q/k norms) -> ``rms_norm``;
 - ``apply_rotary_pos_emb`` of the model's modeling module -> ``rope`` (q and k in one launch);
 - the gated MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` with SiLU -> ``silu_mul``;
-- :class:`dms.heads.AdapterRetentionHead` -> ``retention_head``.
+- :class:`dms.heads.AdapterRetentionHead` -> ``retention_head``;
+- with ``gemm=True`` (off by default, untimed): q/k/v projections in one launch, gate/up with the SiLU gate
+  in one launch.
 
 The kernels round where transformers rounds, so bf16 results match the unfused ops (up to the RMSNorm
 reduction order). The swap is per instance (``module.forward``) and per modeling module (the rope
@@ -69,6 +71,51 @@ def _mlp_forward(m):
     return forward
 
 
+def _mlp_gemm_forward(m):
+    from dms_kernels.fused_ops import gate_up_silu, silu_mul
+    from dms_kernels.fused_ops.triton_ops import SKINNY_MAX_ROWS
+
+    def forward(x):
+        if x.shape[:-1].numel() <= SKINNY_MAX_ROWS:  # decode: gate, up and SiLU(gate) * up in one kernel
+            return m.down_proj(gate_up_silu(x, m.gate_proj.weight, m.up_proj.weight, m.gate_proj.bias, m.up_proj.bias))
+        return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
+
+    return forward
+
+
+def _qkv_forwards(attn):
+    """q_proj computes q, k and v in one launch and hands k, v to k_proj / v_proj, which transformers calls
+    next with the same input (any other input: their own F.linear)."""
+    from dms_kernels.fused_ops import grouped_linear
+    from dms_kernels.fused_ops.triton_ops import SKINNY_MAX_ROWS
+
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    pending: dict = {}
+
+    def q_forward(x):
+        if x.shape[:-1].numel() > SKINNY_MAX_ROWS:
+            return torch.nn.functional.linear(x, q.weight, q.bias)
+        biases = [q.bias, k.bias, v.bias] if q.bias is not None else None
+        yq, yk, yv = grouped_linear(x, [q.weight, k.weight, v.weight], biases)
+        pending["k"], pending["v"], pending["x"] = yk, yv, x
+        return yq
+
+    def kv_forward(mod, name):
+        def forward(x):
+            if pending.get("x") is x and name in pending:
+                return pending.pop(name)
+            return torch.nn.functional.linear(x, mod.weight, mod.bias)
+        return forward
+
+    return q_forward, kv_forward(k, "k"), kv_forward(v, "v")
+
+
+def _gemm_fusable_attention(m) -> bool:
+    lin = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    return (_family(m) is not None and type(m).__name__.endswith("Attention") and all(isinstance(x, nn.Linear) for x in lin)
+            and len({x.in_features for x in lin}) == 1 and len({x.bias is None for x in lin}) == 1)
+
+
 def _head_forward(m: AdapterRetentionHead):
     from dms_kernels.fused_ops import retention_head
 
@@ -107,10 +154,14 @@ def fusable(model) -> dict:
 
 
 @contextlib.contextmanager
-def fused_decode_ops(model, enabled: bool = True):
+def fused_decode_ops(model, enabled: bool = True, gemm: bool = False):
     """While active, ``model``'s elementwise chains run as fused Triton kernels (see the module doc).
 
-    Needs CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU (tests). Nested use is a no-op.
+    ``gemm``: also the decode-size projections (at most 16 rows): q/k/v in one launch and gate/up with the SiLU
+    gate in one launch (``dms_kernels.fused_ops.grouped_linear`` / ``gate_up_silu``), instead of cuBLAS's
+    separate (often split-K) products. Off by default: not yet timed against cuBLAS on a GPU
+    (``scripts/bench_decode.py --fused-gemm`` times both). Needs CUDA tensors, or ``TRITON_INTERPRET=1`` on
+    CPU (tests). Nested use is a no-op.
     """
     if not enabled or getattr(model, "_dms_fused", False):
         yield model
@@ -122,10 +173,13 @@ def fused_decode_ops(model, enabled: bool = True):
             if _is_rms_norm(m):
                 m.forward = _rms_forward(m)
             elif _is_gated_mlp(m):
-                m.forward = _mlp_forward(m)
+                m.forward = _mlp_gemm_forward(m) if gemm else _mlp_forward(m)
             elif isinstance(m, AdapterRetentionHead):
                 m.forward = _head_forward(m)
             else:
+                if gemm and _gemm_fusable_attention(m):
+                    m.q_proj.forward, m.k_proj.forward, m.v_proj.forward = _qkv_forwards(m)
+                    patched.extend([m.q_proj, m.k_proj, m.v_proj])
                 if _family(m) is not None and type(m).__name__.endswith("Attention"):
                     name = type(m).__module__
                     mod = sys.modules[name]

@@ -42,7 +42,8 @@ class GraphedDecodeStep:
         cuda_graph: capture and replay (default: when the model is on CUDA). With False the static-mode
             step runs eagerly (same cache code path; used on CPU and as the reference in tests).
         fuse: run the step's elementwise chains as fused Triton kernels (:mod:`dms.decode_fusion`);
-            default: when capturing CUDA graphs.
+            default: when capturing CUDA graphs. ``fuse_gemm``: with ``fuse``, also the grouped q/k/v and
+            gate/up projection kernels (off by default; see :func:`dms.decode_fusion.fused_decode_ops`).
 
     The returned logits of a replay live in a buffer that the next step overwrites; clone to keep them.
     Call :meth:`close` (or use it as a context manager) before other cache operations (another prompt
@@ -50,7 +51,7 @@ class GraphedDecodeStep:
     """
 
     def __init__(self, model, cache: PagedDMSCache, horizon: int = 128, cuda_graph: bool | None = None,
-                 forward=None, fuse: bool | None = None):
+                 forward=None, fuse: bool | None = None, fuse_gemm: bool = False):
         from .shared_prefix import SharedPrefixDMSCache
 
         if not isinstance(cache, (PagedDMSCache, SharedPrefixDMSCache)):
@@ -75,6 +76,7 @@ class GraphedDecodeStep:
         if fuse and not fusion_available(self.device):
             raise ValueError(f"fuse=True needs CUDA (or TRITON_INTERPRET=1) and Triton; the model is on {self.device}")
         self.fuse = bool(self.cuda_graph and fusion_available(self.device)) if fuse is None else bool(fuse)
+        self.fuse_gemm = bool(fuse_gemm) and self.fuse
         self._call = forward or model  # the un-wrapped forward when enable_graph_decoding wraps the model
         self.graph = None
         self.left = 0
@@ -87,7 +89,7 @@ class GraphedDecodeStep:
     def _forward(self, input_ids, position_ids):
         from .decode_fusion import fused_decode_ops
 
-        with fused_decode_ops(self.model, self.fuse):
+        with fused_decode_ops(self.model, self.fuse, gemm=self.fuse_gemm):
             out = self._call(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
                              use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]

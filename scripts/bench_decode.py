@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="docs/results/decode.json")
     p.add_argument("--sections", default="kernel,e2e,prefill", help="comma list of kernel, e2e, prefill")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter check of the script)")
+    p.add_argument("--fused-gemm", action="store_true",
+                   help="at 32K / batch 8 also time both engines with the grouped q/k/v and gate/up kernels "
+                        "(dms.decode_fusion gemm=True) beside the default step")
     p.add_argument("--profile", action="store_true",
                    help="e2e: one extra eager CR-8 step at the longest context, batch 8, under torch.profiler; prefill: "
                         "one extra run at the shortest context; device time per kernel name goes into 'profile' "
@@ -280,7 +283,7 @@ def fill_paged(cache, lens, ctx, B, Hkv, D, dev, gen):
         layer.columns = ctx
 
 
-def time_paged_step(args, model, cache, ids, ctx, timer, fuse=None):
+def time_paged_step(args, model, cache, ids, ctx, timer, fuse=None, fuse_gemm=False):
     """Median ms of one decode step through the paged cache: CUDA-graph replays (dms.graphs) or eager calls.
     ``fuse``: fused elementwise kernels in the step (dms.decode_fusion; None = the default, on with graphs)."""
     warmup = 3
@@ -289,7 +292,7 @@ def time_paged_step(args, model, cache, ids, ctx, timer, fuse=None):
 
         pos = torch.full_like(ids, ctx)
         # first call: eager warm step; second: capture + replay; both inside the warmup
-        with GraphedDecodeStep(model, cache, horizon=warmup + args.steps + 2, fuse=fuse) as step:
+        with GraphedDecodeStep(model, cache, horizon=warmup + args.steps + 2, fuse=fuse, fuse_gemm=fuse_gemm) as step:
             return timer.median_ms(lambda: step(ids, pos), warmup=warmup, reps=args.steps)
     return timer.median_ms(lambda: model(ids, past_key_values=cache, use_cache=True), warmup=warmup, reps=args.steps)
 
@@ -391,6 +394,11 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                     ms = time_paged_step(args, model, cache, ids, ctx, timer)
                     st = cache.stats()
                     res[(name, ctx, B)] = ms
+                    if args.fused_gemm and ctx == max(args.ctxs) and B == 8 and args.cuda_graphs == "on":
+                        res[(name + "_gemm", ctx, B)] = time_paged_step(args, model, cache, ids, ctx, timer,
+                                                                        fuse_gemm=True)
+                        print(f"  {name} 32K/B8 graphed step with fused GEMMs: {res[(name + '_gemm', ctx, B)]:.2f} ms "
+                              f"(default {ms:.2f} ms)", flush=True)
                     if name == "cr8" and ctx == max(args.ctxs) and B == 8 and args.cuda_graphs == "on":
                         # side by side: the same step without the fused elementwise kernels
                         res[("cr8_unfused", ctx, B)] = time_paged_step(args, model, cache, ids, ctx, timer, fuse=False)
@@ -415,6 +423,7 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
             scale32 = lambda t: None if t is None else F + (t - F) * 32 / L  # noqa: E731
             row = dict(section="e2e_step", layers=L, context=ctx, batch=B, cr8_ms=c, dense_same_engine_ms=d,
                        cr8_unfused_ms=res.get(("cr8_unfused", ctx, B)),
+                       cr8_gemm_ms=res.get(("cr8_gemm", ctx, B)), dense_gemm_ms=res.get(("dense_gemm", ctx, B)),
                        transformers_sdpa_ms=hf, fixed_ms=F, floor_ms=floor_ms,
                        speedup_vs_dense=(d / c) if (c and d) else None,
                        speedup_vs_transformers=(hf / c) if (c and hf) else None,
@@ -696,6 +705,10 @@ def _main(argv=None) -> int:
         decode_step_vs_floor_32k_b8=e2e.get("vs_floor"),
         decode_step_unfused_over_fused_32k_b8=(e2e["cr8_unfused_ms"] / e2e["cr8_ms"])
         if e2e.get("cr8_unfused_ms") and e2e.get("cr8_ms") else None,
+        decode_step_speedup_32k_b8_fused_gemm=(e2e["dense_gemm_ms"] / e2e["cr8_gemm_ms"])
+        if e2e.get("dense_gemm_ms") and e2e.get("cr8_gemm_ms") else None,
+        decode_step_vs_floor_32k_b8_fused_gemm=(e2e["cr8_gemm_ms"] / e2e["floor_ms"])
+        if e2e.get("cr8_gemm_ms") and e2e.get("floor_ms") else None,
         speedup_vs_transformers_32k_b8=e2e.get("speedup_vs_transformers"),
         fixed_memory_throughput_gain=fm.get("gain"),
         prefill_ratio_vs_dense=pb.get("ratio_vs_dense"),

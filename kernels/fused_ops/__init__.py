@@ -9,16 +9,27 @@ transformers computation (including where it rounds to the model dtype):
 - ``rope(q, k, cos, sin)``: ``apply_rotary_pos_emb`` for q and k in one launch (10 kernels);
 - ``silu_mul(gate, up)``: ``silu(gate) * up`` of the gated MLP (2 kernels);
 - ``retention_head(x, norm_weight, proj_weight, proj_bias, eps)``: DMS's adapter head,
-  ``Linear(RMSNorm(x32))`` in fp32 (5 kernels).
+  ``Linear(RMSNorm(x32))`` in fp32 (5 kernels);
+- ``grouped_linear(x, weights, biases)`` / ``gate_up_silu(x, w_gate, w_up, ...)``: decode-size projections (at
+  most 16 rows) of one input against up to three weights in one launch, and the MLP's gate/up products with
+  ``silu(gate) * up`` in their epilogue.
 
 ``reference.py`` holds the PyTorch forms (the transformers code paths), ``triton_ops.py`` the kernels.
 ``dms.decode_fusion`` swaps them into a model for graphed decoding.
 """
 from __future__ import annotations
 
-from .reference import retention_head_reference, rms_norm_reference, rope_reference, silu_mul_reference
+from .reference import (
+    gate_up_silu_reference,
+    grouped_linear_reference,
+    retention_head_reference,
+    rms_norm_reference,
+    rope_reference,
+    silu_mul_reference,
+)
 
-__all__ = ["retention_head", "retention_head_reference", "rms_norm", "rms_norm_reference", "rope",
+__all__ = ["gate_up_silu", "gate_up_silu_reference", "grouped_linear", "grouped_linear_reference",
+           "retention_head", "retention_head_reference", "rms_norm", "rms_norm_reference", "rope",
            "rope_reference", "silu_mul", "silu_mul_reference"]
 
 
@@ -42,5 +53,17 @@ def silu_mul(*args, **kwargs):
 
 def retention_head(*args, **kwargs):
     from .triton_ops import retention_head as _f
+
+    return _f(*args, **kwargs)
+
+
+def grouped_linear(*args, **kwargs):
+    from .triton_ops import grouped_linear as _f
+
+    return _f(*args, **kwargs)
+
+
+def gate_up_silu(*args, **kwargs):
+    from .triton_ops import gate_up_silu as _f
 
     return _f(*args, **kwargs)

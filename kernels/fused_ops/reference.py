@@ -33,3 +33,14 @@ def retention_head_reference(x, norm_weight, proj_weight, proj_bias, eps: float)
     """:class:`dms.heads.AdapterRetentionHead`: ``Linear(RMSNorm(x.float()))`` in fp32 -> ``[..., n_out]``."""
     xn = F.rms_norm(x.float(), (x.shape[-1],), norm_weight.float(), eps)
     return F.linear(xn, proj_weight.float(), proj_bias.float())
+
+
+def grouped_linear_reference(x, weights, biases=None):
+    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]``: q/k/v projections of one input."""
+    biases = biases if biases is not None else [None] * len(weights)
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+
+
+def gate_up_silu_reference(x, w_gate, w_up, b_gate=None, b_up=None):
+    """The gated MLP's ``silu(gate_proj(x)) * up_proj(x)`` (before down_proj)."""
+    return F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)

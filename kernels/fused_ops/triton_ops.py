@@ -246,3 +246,135 @@ def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float) -> torch.
                                                            IN_PREC="ieee" if x.device.type == "cpu" else "tf32x3",
                                                            num_warps=4)
     return z.view(*x.shape[:-1], n_out)
+
+
+# --- skinny products of the decode step (a few rows against a whole weight matrix) ---------------------------
+# At decode the projections are [rows <= 16, K] x [N, K]^T: bandwidth-bound reads of the weights. These kernels
+# read each weight once with a grid over N only (no split-K reduction pass) and fuse what transformers does in
+# separate launches: q/k/v of one input in one launch, gate and up with SiLU(gate) * up in the epilogue.
+
+@triton.jit
+def _linear_tile(x_ptr, w_ptr, M, K, sxm, n0, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        km = rk < K
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=IN_PREC)
+    return acc
+
+
+@triton.jit
+def _grouped_linear_kernel(X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, M, K, N0, N1, N2, P0, P1, sxm,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+    # Programs [0, P0) compute Y0 = X W0^T, [P0, P0 + P1) Y1, the rest Y2 (up to three weights, one launch).
+    pid = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    if pid < P0:
+        w_ptr, b_ptr, y_ptr, N, n0 = W0, B0, Y0, N0, pid * BLOCK_N
+    elif pid < P0 + P1:
+        w_ptr, b_ptr, y_ptr, N, n0 = W1, B1, Y1, N1, (pid - P0) * BLOCK_N
+    else:
+        w_ptr, b_ptr, y_ptr, N, n0 = W2, B2, Y2, N2, (pid - P0 - P1) * BLOCK_N
+    acc = _linear_tile(X, w_ptr, M, K, sxm, n0, N, BLOCK_M, BLOCK_N, BLOCK_K, IN_PREC)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & nm[None, :])
+
+
+@triton.jit
+def _gate_up_silu_kernel(X, WG, WU, BG, BU, Y, M, K, N, sxm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    g = _linear_tile(X, WG, M, K, sxm, n0, N, BLOCK_M, BLOCK_N, BLOCK_K, IN_PREC)
+    u = _linear_tile(X, WU, M, K, sxm, n0, N, BLOCK_M, BLOCK_N, BLOCK_K, IN_PREC)
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    if HAS_BIAS:
+        g += tl.load(BG + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+        u += tl.load(BU + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+    # rounded where transformers rounds: each projection, then SiLU, then the product (see silu_mul)
+    g = g.to(Y.dtype.element_ty).to(tl.float32)
+    u = u.to(Y.dtype.element_ty).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + rm[:, None] * N + rn[None, :], (a * u).to(Y.dtype.element_ty), mask=(rm < M)[:, None] & nm[None, :])
+
+
+SKINNY_MAX_ROWS = 16  # rows handled in one tile (tl.dot's smallest M); callers use F.linear above this
+
+
+def _skinny_cfg(x, n_total):
+    """(BLOCK_N, BLOCK_K, warps, stages, input precision): enough programs to cover the SMs, one tile of rows."""
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    bn = 64
+    while bn > 16 and triton.cdiv(n_total, bn) < 2 * sms:
+        bn //= 2
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    return bn, 128, 4, (4 if x.is_cuda else 1), prec
+
+
+def _rows(x):
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] > SKINNY_MAX_ROWS:
+        raise ValueError(f"skinny kernels take at most {SKINNY_MAX_ROWS} rows; got {x2.shape[0]} (use F.linear)")
+    return x2, K
+
+
+def grouped_linear(x, weights, biases=None):
+    """``[x @ w.T + b for w, b in zip(weights, biases)]`` for 1-3 weights ``[N_i, K]`` in one launch (x: at most
+    ``SKINNY_MAX_ROWS`` rows, same dtype as the weights). Outputs ``[..., N_i]`` like ``F.linear``."""
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"grouped_linear takes 1 to 3 weights; got {len(weights)}")
+    x2, K = _rows(x)
+    if any(w.shape[1] != K or w.dtype != x.dtype or not w.is_contiguous() for w in weights):
+        raise ValueError(f"weights must be contiguous [N, {K}] in {x.dtype}; got "
+                         f"{[(tuple(w.shape), w.dtype) for w in weights]}")
+    has_bias = biases is not None and any(b is not None for b in biases)
+    if has_bias and any(b is None for b in biases):
+        raise ValueError("grouped_linear: give a bias for every weight or for none")
+    M = x2.shape[0]
+    ws = list(weights) + [weights[0]] * (3 - len(weights))
+    bs = (list(biases) + [biases[0]] * (3 - len(biases))) if has_bias else ws
+    ys = [_new((M, w.shape[0]), x.dtype, x.device) for w in weights]
+    ys_full = ys + [ys[0]] * (3 - len(ys))
+    Ns = [w.shape[0] for w in ws]
+    Ns = Ns[:len(weights)] + [0] * (3 - len(weights))
+    bn, bk, nw, st, prec = _skinny_cfg(x2, sum(Ns))
+    P = [triton.cdiv(n, bn) for n in Ns]
+    if M:
+        _grouped_linear_kernel[(sum(P),)](x2, *ws, *bs, *ys_full, M, K, max(Ns[0], 1), max(Ns[1], 1), max(Ns[2], 1),
+                                          P[0], P[1], x2.stride(0), HAS_BIAS=has_bias, BLOCK_M=SKINNY_MAX_ROWS,
+                                          BLOCK_N=bn, BLOCK_K=bk, IN_PREC=prec, num_warps=nw, num_stages=st)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+def gate_up_silu(x, w_gate, w_up, b_gate=None, b_up=None):
+    """``silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)`` in one launch (x: at most ``SKINNY_MAX_ROWS`` rows)."""
+    x2, K = _rows(x)
+    N = w_gate.shape[0]
+    if w_up.shape != (N, K) or w_gate.shape != (N, K) or w_gate.dtype != x.dtype or w_up.dtype != x.dtype \
+            or not (w_gate.is_contiguous() and w_up.is_contiguous()):
+        raise ValueError(f"gate/up weights must be contiguous [N, {K}] in {x.dtype}; got {tuple(w_gate.shape)} "
+                         f"{w_gate.dtype}, {tuple(w_up.shape)} {w_up.dtype}")
+    has_bias = b_gate is not None
+    M = x2.shape[0]
+    y = _new((M, N), x.dtype, x.device)
+    bn, bk, nw, st, prec = _skinny_cfg(x2, N)
+    if M:
+        _gate_up_silu_kernel[(triton.cdiv(N, bn),)](x2, w_gate, w_up, b_gate if has_bias else w_gate,
+                                                   b_up if has_bias else w_up, y, M, K, N, x2.stride(0),
+                                                   HAS_BIAS=has_bias, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=bn,
+                                                   BLOCK_K=bk, IN_PREC=prec, num_warps=nw, num_stages=st)
+    return y.view(*x.shape[:-1], N)

@@ -80,6 +80,43 @@ def test_fused_step_equals_unfused(make_tiny_model, randomize, family, monkeypat
     assert sa["tokens_held_per_layer_head"] == sb["tokens_held_per_layer_head"]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_fused_gemm_step_equals_unfused(make_tiny_model, randomize, family, monkeypatch):
+    """fuse_gemm: q/k/v in one launch and gate/up/SiLU in one launch (decode rows), same logits."""
+    import dms_kernels.fused_ops as fo
+
+    calls = {}
+    for name in ("grouped_linear", "gate_up_silu", "silu_mul"):
+        def counted(*a, _f=getattr(fo, name), _n=name, **k):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a, **k)
+        monkeypatch.setattr(fo, name, counted)
+    model = _model(make_tiny_model, randomize, family)
+    L = model.config.num_hidden_layers
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (3, 7), device=DEV)
+    caches = []
+    with torch.no_grad():
+        for _ in range(2):
+            c = PagedDMSCache(model, page_size=16, backend="torch")
+            lg = model(ids, past_key_values=c, use_cache=True).logits[:, -1]
+            caches.append(c)
+    fused = GraphedDecodeStep(model, caches[0], horizon=3, cuda_graph=False, fuse=True, fuse_gemm=True)
+    plain = GraphedDecodeStep(model, caches[1], horizon=3, cuda_graph=False, fuse=False)
+    assert fused.fuse_gemm and not plain.fuse_gemm
+    tok = lg.argmax(-1)[:, None]
+    for i in range(4):
+        calls.clear()
+        a = fused(tok, torch.full_like(tok, 7 + i)).clone()
+        assert calls == {"grouped_linear": L, "gate_up_silu": L}
+        b = plain(tok, torch.full_like(tok, 7 + i)).clone()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        tok = a.argmax(-1)[:, None]
+    fused.close()
+    plain.close()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_swap_is_undone(make_tiny_model, randomize):
     model = _model(make_tiny_model, randomize, "llama")
     mod = sys.modules[type(model.model.layers[0].self_attn).__module__]

@@ -122,3 +122,50 @@ def test_retention_head(dtype, rows, C, n_out):
     z = fo.retention_head(x, nw, pw, pb, 1e-6)
     assert z.shape == (rows, 1, n_out) and z.dtype == torch.float32
     torch.testing.assert_close(z, ref.retention_head_reference(x, nw, pw, pb, 1e-6), rtol=1e-4, atol=1e-4)
+
+
+SKINNY_DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if CUDA else [torch.float16])
+
+
+def _skinny_tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
+@pytest.mark.parametrize("rows,K,Ns,bias", [(1, 64, (64, 16, 16), False), (3, 200, (70, 24, 24), True),
+                                            (16, 130, (33,), False), (8, 96, (40, 17), True)])
+def test_grouped_linear(dtype, rows, K, Ns, bias):
+    g = torch.Generator().manual_seed(rows * 10 + K)
+    x = torch.randn(rows, 1, K, generator=g).to(dtype).to(DEV)
+    ws = [(torch.randn(n, K, generator=g) / K ** 0.5).to(dtype).to(DEV) for n in Ns]
+    bs = [torch.randn(n, generator=g).to(dtype).to(DEV) for n in Ns] if bias else None
+    ys = fo.grouped_linear(x, ws, bs)
+    for y, r in zip(ys, ref.grouped_linear_reference(x, ws, bs)):
+        assert y.shape == r.shape and not torch.isnan(y).any()
+        torch.testing.assert_close(y.float(), r.float(), **_skinny_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
+@pytest.mark.parametrize("rows,K,N,bias", [(1, 64, 48, False), (5, 200, 100, True), (16, 72, 130, False)])
+def test_gate_up_silu(dtype, rows, K, N, bias):
+    g = torch.Generator().manual_seed(rows + K + N)
+    x = torch.randn(rows, K, generator=g).to(dtype).to(DEV)
+    wg, wu = ((torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(DEV) for _ in range(2))
+    bg, bu = ((torch.randn(N, generator=g).to(dtype).to(DEV) for _ in range(2)) if bias else (None, None))
+    y = fo.gate_up_silu(x, wg, wu, bg, bu)
+    r = ref.gate_up_silu_reference(x, wg, wu, bg, bu)
+    assert y.shape == r.shape and not torch.isnan(y).any()
+    torch.testing.assert_close(y.float(), r.float(), **_skinny_tol(dtype))
+
+
+def test_skinny_kernels_reject_bad_input():
+    x = torch.randn(17, 32, device=DEV)
+    w = torch.randn(16, 32, device=DEV)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        fo.grouped_linear(x, [w])
+    with pytest.raises(ValueError, match="1 to 3 weights"):
+        fo.grouped_linear(x[:2], [w] * 4)
+    with pytest.raises(ValueError, match="for every weight or for none"):
+        fo.grouped_linear(x[:2], [w, w], [torch.zeros(16, device=DEV), None])
+    with pytest.raises(ValueError, match="contiguous"):
+        fo.gate_up_silu(x[:2], w, w.t().contiguous().t())
