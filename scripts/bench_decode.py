@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="docs/results/decode.json")
     p.add_argument("--sections", default="kernel,e2e,prefill", help="comma list of kernel, e2e, prefill")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter check of the script)")
+    p.add_argument("--tile-flags", action="store_true",
+                   help="prefill rows also timed with DMS_ATTN_TILE_FLAGS=1 (all-kept far tiles skip the bias product)")
     p.add_argument("--fused-gemm", action="store_true",
                    help="at 32K / batch 8 also time both engines with the grouped q/k/v and gate/up kernels "
                         "(dms.decode_fusion gemm=True) beside the default step")
@@ -538,6 +540,22 @@ def calibrate_retention(model, evict_fraction, dev, T=2048):
             l.self_attn.dms_retention.proj.bias.copy_(thr - q)
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    """Set (value) or leave (None) an environment variable for the duration."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 def bench_prefill(args, model, dev, timer, rows):
     full = model.model.layers
     if args.prefill_layers and args.prefill_layers < len(full):
@@ -557,13 +575,15 @@ def _bench_prefill(args, model, dev, timer, rows):
         keep = (ctx / args.cr - args.window) / (ctx - args.window)
         res = {}
         calibrate_retention(model, 1 - keep, dev)
-        for name in ("cr8", "dense"):
+        names = ("cr8", "dense") + (("cr8_flags", "dense_flags") if args.tile_flags else ())
+        for name in names:
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
             holder = {}
 
             def run():
                 holder["c"] = PagedDMSCache(model, page_size=args.page_size)
-                with torch.no_grad(), (eviction_off(model) if name == "dense" else contextlib.nullcontext()):
+                with torch.no_grad(), (eviction_off(model) if name.startswith("dense") else contextlib.nullcontext()), \
+                        _env("DMS_ATTN_TILE_FLAGS", "1" if name.endswith("_flags") else None):
                     model(ids, past_key_values=holder["c"], use_cache=True, logits_to_keep=1)
 
             if dev.type == "cuda":
@@ -588,6 +608,12 @@ def _bench_prefill(args, model, dev, timer, rows):
                    ratio_vs_dense=res["dense"]["ms"] / sdpa_ms, cr8_ratio_vs_dense=res["cr8"]["ms"] / sdpa_ms,
                    cr8_vs_no_evict=res["cr8"]["ms"] / res["dense"]["ms"], memory_cr=res["cr8"]["memory_cr"],
                    kv_alloc_fraction=res["cr8"]["alloc_fraction"], kv_live_fraction=res["cr8"]["live_fraction"])
+        if args.tile_flags:
+            row.update(no_evict_flags_ms=res["dense_flags"]["ms"], cr8_flags_ms=res["cr8_flags"]["ms"],
+                       ratio_vs_dense_flags=res["dense_flags"]["ms"] / sdpa_ms,
+                       cr8_ratio_vs_dense_flags=res["cr8_flags"]["ms"] / sdpa_ms)
+            print(f"  with DMS_ATTN_TILE_FLAGS=1: nothing evicted {row['no_evict_flags_ms']:.1f} ms (ratio "
+                  f"{row['ratio_vs_dense_flags']:.3f}), CR 8 {row['cr8_flags_ms']:.1f} ms", flush=True)
         rows.append(row)
         out[ctx] = row
         print(f"prefill ctx={ctx}: DMS nothing evicted {row['no_evict_ms']:.1f} ms, CR 8 {row['cr8_ms']:.1f} ms, "

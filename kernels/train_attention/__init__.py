@@ -138,7 +138,7 @@ def dms_attention_hard(q, k, v, evict_bool_or_log_keep, window, doc_ids=None, sc
     from .triton_fwd import dms_attention_fwd
 
     q, k, v, lk, docs = _prep(q, k, v, lk, doc_ids, strided=True)
-    return dms_attention_fwd(q, k, v, lk, int(window), docs, scale, True, out_like_q=True)
+    return dms_attention_fwd(q, k, v, lk, int(window), docs, scale, True, out_like_q=True, hard=True)
 
 
 def dms_attention_flex(q, k, v, log_keep, window, doc_ids=None, scale=None):

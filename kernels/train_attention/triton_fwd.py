@@ -43,9 +43,9 @@ NEAR, FAR, MIXED, DIAG = 0, 1, 2, 3
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, stride_kt,
-               start, end, T, W, qk_scale,
+               start, end, T, W, qk_scale, flag_ptr,
                MODE: tl.constexpr, HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr,
-               BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr):
+               BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr, HAS_FLAGS: tl.constexpr = False):
     # MODE 4 is FAR with log_keep added by the tensor cores; modes 1-3 add it elementwise.
     offs_n0 = tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
@@ -73,8 +73,14 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
             # whose rows 0/1 hold log_keep/scale split into q.dtype hi + lo parts (~2^-16 relative error in
             # bf16). An elementwise add of a per-column vector here cost the forward 1.41x over no mask
             # (7.16 vs 4.70 ms at L=8192 on H100, tiles 128x128), the dQ kernel 1.30x.
-            lkt = tl.load(lk2_ptr + r16[:, None] * T + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
-            s = tl.dot(ones, lkt, s, input_precision=IN_PREC)
+            if HAS_FLAGS:
+                # hard masks: a tile whose keys are all kept adds log_keep = 0, so its bias product is skipped
+                if tl.load(flag_ptr + n0 // BLOCK_N) != 0:
+                    lkt = tl.load(lk2_ptr + r16[:, None] * T + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
+                    s = tl.dot(ones, lkt, s, input_precision=IN_PREC)
+            else:
+                lkt = tl.load(lk2_ptr + r16[:, None] * T + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
+                s = tl.dot(ones, lkt, s, input_precision=IN_PREC)
         if HAS_DMS and MODE % 4 != 0:
             if MODE == 1:
                 s = s + lk[None, :]
@@ -102,12 +108,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
 
 
 @triton.jit(do_not_specialize=["T", "W"])
-def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE,
+def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS,
                     sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
                     H, T, W, qk_scale,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr,
-                    FAR_MODE: tl.constexpr):
+                    FAR_MODE: tl.constexpr, HAS_FLAGS: tl.constexpr = False):
     # Longest rows first: causal programs near the end of the sequence do the most tiles.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -124,6 +130,7 @@ def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE,
     v_ptr = V + b64 * skb + hk.to(tl.int64) * skh
     lk_ptr = LK + (b64 * (H // GROUP) + hk) * T
     lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * T
+    flag_ptr = FLAGS + (b64 * (H // GROUP) + hk) * tl.cdiv(T, BLOCK_N)
     q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=rmask[:, None], other=0.0)
     c16 = tl.arange(0, 16)[None, :] + tl.zeros([BLOCK_M, 16], dtype=tl.int32)
     ones = tl.where(c16 < 2, 1.0, 0.0).to(Q.dtype.element_ty)
@@ -147,15 +154,16 @@ def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE,
         x_end = ((tl.maximum(m0 + BLOCK_M - 1 - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
         x_end = tl.minimum(tl.maximum(x_end, f_end), m0)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                                   lo, f_end, T, W, qk_scale, FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                                   lo, f_end, T, W, qk_scale, flag_ptr, FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC,
+                                   HAS_FLAGS)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                                   f_end, x_end, T, W, qk_scale, 2, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                                   f_end, x_end, T, W, qk_scale, flag_ptr, 2, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
     else:
         x_end = lo
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                               x_end, m0, T, W, qk_scale, 0, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                               x_end, m0, T, W, qk_scale, flag_ptr, 0, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                               m0, hi, T, W, qk_scale, 3, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                               m0, hi, T, W, qk_scale, flag_ptr, 3, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
     # Every valid row sees its own key, so l_i > 0 there; padded rows are not stored.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -234,7 +242,22 @@ def split_log_keep(lk: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.
     return torch.stack([hi, lo], dim=2).contiguous()
 
 
-def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, out_like_q=False):
+def hard_tile_flags_enabled() -> bool:
+    """Hard-mask forward skips the bias product of all-kept tiles (``DMS_ATTN_TILE_FLAGS=1``; off by default
+    until timed on a GPU)."""
+    return os.environ.get("DMS_ATTN_TILE_FLAGS", "0") == "1"
+
+
+def hard_tile_flags(lk: torch.Tensor, block_n: int) -> torch.Tensor:
+    """``[B, Hkv, T]`` hard log_keep -> int8 ``[B, Hkv, ceil(T / block_n)]``: 1 where a key tile has an evicted key."""
+    B, hkv, T = lk.shape
+    nb = -(-T // block_n)
+    ev = torch.zeros(B, hkv, nb * block_n, dtype=torch.int8, device=lk.device)
+    ev[..., :T] = (lk != 0).to(torch.int8)
+    return ev.view(B, hkv, nb, block_n).amax(-1).contiguous()
+
+
+def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, out_like_q=False, hard=False):
     """Launch the forward kernel.
 
     Args: q ``[B, H, T, D]``, k/v ``[B, Hkv, T, D]`` (last dim contiguous), lk ``[B, Hkv, T]`` fp32
@@ -242,6 +265,7 @@ def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, 
     :func:`split_log_keep` of lk (computed here when needed). q/k/v may be strided views (unit last
     stride, k and v with equal strides); ``out_like_q`` allocates o with q's strides (a q that is a
     transposed ``[B, T, H, D]`` projection then gives an o that reshapes to ``[B, T, H * D]`` for free).
+    ``hard``: lk holds only 0 / -inf (with :func:`hard_tile_flags_enabled`, all-kept tiles skip the bias).
     Returns ``o [B, H, T, D]`` (q.dtype) and ``lse [B, H, T]`` fp32 (natural log).
     """
     B, H, T, D = q.shape
@@ -262,14 +286,15 @@ def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, 
     bias_mma = has_dms and bias_mma_enabled()
     if bias_mma and lk2 is None:
         lk2 = split_log_keep(lk, scale, q.dtype)
+    flags = hard_tile_flags(lk, bn) if (hard and bias_mma and hard_tile_flags_enabled()) else None
     grid = (triton.cdiv(T, bm), B * H)
     _dms_fwd_kernel[grid](
-        q, k, v, lk, lk2 if bias_mma else lk, doc, first, o, lse,
+        q, k, v, lk, lk2 if bias_mma else lk, doc, first, o, lse, flags if flags is not None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, T, W, scale * LOG2E,
         GROUP=H // hkv, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
         HAS_DMS=has_dms, HAS_DOC=docs is not None, IN_PREC=_in_prec(q.dtype), FAR_MODE=4 if bias_mma else 1,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_FLAGS=flags is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse

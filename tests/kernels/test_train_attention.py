@@ -217,6 +217,25 @@ def test_hard_mask_forward_reads_transposed_projections():
     _check("lse", lse, lse2, torch.float32)
 
 
+def test_hard_mask_tile_flags(monkeypatch):
+    """DMS_ATTN_TILE_FLAGS=1: far key tiles without an evicted key skip the bias product; same result."""
+    monkeypatch.setenv("DMS_ATTN_TILE_FLAGS", "1")
+    q, k, v, _, gen = _inputs(1, 4, 2, 150, 16, torch.float32, seed=23)
+    evict = torch.zeros(1, 2, 150, dtype=torch.bool, device=DEV)
+    evict[:, 0, 40:60] = True  # head 0: evictions in a few tiles only; head 1: one key
+    evict[:, 1, 3] = True
+    flags = triton_fwd.hard_tile_flags(hard_log_keep(evict), 16)
+    assert flags.shape == (1, 2, 10) and int(flags.sum()) == 3  # tiles 2, 3 of head 0; tile 0 of head 1
+    o, lse = ta.dms_attention_hard(q, k, v, evict, 5)
+    o2, lse2 = dms_attention_reference(q.detach(), k.detach(), v.detach(), hard_log_keep(evict), 5)
+    _check("o", o, o2, torch.float32)
+    _check("lse", lse, lse2, torch.float32)
+    # the flags are really read: claiming every tile all-kept drops head 0's far evictions
+    monkeypatch.setattr(triton_fwd, "hard_tile_flags", lambda lk, bn: torch.zeros_like(flags))
+    o3, _ = ta.dms_attention_hard(q, k, v, evict, 5)
+    assert not torch.allclose(o3[:, :2], o2[:, :2], atol=1e-3)
+
+
 def test_backward_deterministic():
     q, k, v, lk, gen = _inputs(1, 8, 2, 200 if CUDA else 50, 32, torch.bfloat16 if CUDA else torch.float32, seed=17)
     outs = []
