@@ -31,6 +31,11 @@ def _new_like(t):
     return out
 
 
+def _has_tf32(device) -> bool:
+    """TF32 tensor cores (Ampere and newer); the interpreter and older GPUs get exact fp32 ("ieee") products."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -243,7 +248,7 @@ def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float) -> torch.
         br, bc = 64, 64
         _retention_head_rows_kernel[(triton.cdiv(R, br),)](x2, nw, pw, pb, z, R, C, x2.stride(0), float(eps), n_out,
                                                            BLOCK_R=br, BLOCK_C=bc, NO_P2=max(16, _pow2(n_out)),
-                                                           IN_PREC="ieee" if x.device.type == "cpu" else "tf32x3",
+                                                           IN_PREC="tf32x3" if _has_tf32(x.device) else "ieee",
                                                            num_warps=4)
     return z.view(*x.shape[:-1], n_out)
 
@@ -318,7 +323,7 @@ def _skinny_cfg(x, n_total):
     bn = 64
     while bn > 16 and triton.cdiv(n_total, bn) < 2 * sms:
         bn //= 2
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    prec = "tf32" if x.dtype != torch.float32 else "ieee"  # half inputs: the mode is unused
     return bn, 128, 4, (4 if x.is_cuda else 1), prec
 
 
