@@ -21,6 +21,8 @@ so the captured graph holds the fused kernels.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import sys
 
 import torch
@@ -44,6 +46,10 @@ def _is_rms_norm(m) -> bool:
             and m.weight.dim() == 1 and hasattr(m, "variance_epsilon"))
 
 
+def _is_attention(m) -> bool:
+    return _family(m) is not None and type(m).__name__.endswith("Attention")
+
+
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
@@ -62,21 +68,12 @@ def _rms_forward(m):
     return forward
 
 
-def _mlp_forward(m):
-    from dms_kernels.fused_ops import silu_mul
-
-    def forward(x):
-        return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
-
-    return forward
-
-
-def _mlp_gemm_forward(m):
+def _mlp_forward(m, gemm: bool = False):
     from dms_kernels.fused_ops import gate_up_silu, silu_mul
     from dms_kernels.fused_ops.triton_ops import SKINNY_MAX_ROWS
 
     def forward(x):
-        if x.shape[:-1].numel() <= SKINNY_MAX_ROWS:  # decode: gate, up and SiLU(gate) * up in one kernel
+        if gemm and x.shape[:-1].numel() <= SKINNY_MAX_ROWS:  # decode: gate, up and SiLU(gate) * up in one kernel
             return m.down_proj(gate_up_silu(x, m.gate_proj.weight, m.up_proj.weight, m.gate_proj.bias, m.up_proj.bias))
         return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
 
@@ -112,7 +109,7 @@ def _qkv_forwards(attn):
 
 def _gemm_fusable_attention(m) -> bool:
     lin = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-    return (_family(m) is not None and type(m).__name__.endswith("Attention") and all(isinstance(x, nn.Linear) for x in lin)
+    return (_is_attention(m) and all(isinstance(x, nn.Linear) for x in lin)
             and len({x.in_features for x in lin}) == 1 and len({x.bias is None for x in lin}) == 1)
 
 
@@ -147,7 +144,7 @@ def fusable(model) -> dict:
         n["rms_norm"] += _is_rms_norm(m)
         n["mlp"] += _is_gated_mlp(m)
         n["retention_head"] += isinstance(m, AdapterRetentionHead)
-        if _family(m) is not None and type(m).__name__.endswith("Attention"):
+        if _is_attention(m):
             mods.add(type(m).__module__)
     n["rope_modules"] = sum(hasattr(sys.modules[name], "apply_rotary_pos_emb") for name in mods)
     return n
@@ -173,14 +170,14 @@ def fused_decode_ops(model, enabled: bool = True, gemm: bool = False):
             if _is_rms_norm(m):
                 m.forward = _rms_forward(m)
             elif _is_gated_mlp(m):
-                m.forward = _mlp_gemm_forward(m) if gemm else _mlp_forward(m)
+                m.forward = _mlp_forward(m, gemm)
             elif isinstance(m, AdapterRetentionHead):
                 m.forward = _head_forward(m)
             else:
                 if gemm and _gemm_fusable_attention(m):
                     m.q_proj.forward, m.k_proj.forward, m.v_proj.forward = _qkv_forwards(m)
                     patched.extend([m.q_proj, m.k_proj, m.v_proj])
-                if _family(m) is not None and type(m).__name__.endswith("Attention"):
+                if _is_attention(m):
                     name = type(m).__module__
                     mod = sys.modules[name]
                     if name not in rope_saved and hasattr(mod, "apply_rotary_pos_emb"):
@@ -198,12 +195,15 @@ def fused_decode_ops(model, enabled: bool = True, gemm: bool = False):
         model._dms_fused = False
 
 
-def fusion_available(device: torch.device) -> bool:
-    """Fused kernels can run here: CUDA with Triton, or the Triton interpreter."""
-    import os
-
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return True
+
+
+def fusion_available(device: torch.device) -> bool:
+    """Fused kernels can run here: CUDA with Triton, or the Triton interpreter."""
+    return _triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")

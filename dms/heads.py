@@ -12,14 +12,6 @@ import torch.nn.functional as F
 
 
 
-def _fused_head_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class AdapterRetentionHead(nn.Module):
     """``z = Linear(RMSNorm(x))`` on the decoder layer's input residual; Linear zero-initialised.
 
@@ -36,7 +28,9 @@ class AdapterRetentionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, hidden]`` -> z ``[B, T, num_outputs]`` (computed in fp32 for a stable threshold)."""
-        if x.is_cuda and not torch.is_grad_enabled() and _fused_head_available():
+        from .decode_fusion import fusion_available
+
+        if x.is_cuda and not torch.is_grad_enabled() and fusion_available(x.device):
             # Inference on CUDA: one Triton kernel (dms_kernels.fused_ops.retention_head), fp32 throughout, x
             # read once in its own dtype. The PyTorch form below costs an fp32 copy of x, RMSNorm and a skinny
             # fp32 GEMM (0.3 ms per layer at an 8K prefill on the H100), and at decode a cuBLAS GEMV of 39 us.
@@ -46,8 +40,7 @@ class AdapterRetentionHead(nn.Module):
         # F.rms_norm: one fused op (CUDA) instead of six elementwise kernels and their backward nodes;
         # same formula as the manual x * rsqrt(mean(x^2) + eps) * w (bit-identical on CPU).
         xn = F.rms_norm(x.float(), (x.shape[-1],), _fp32(self.norm_weight), self.eps)
-        w, b = _fp32(self.proj.weight), _fp32(self.proj.bias)
-        return F.linear(xn, w, b)
+        return F.linear(xn, _fp32(self.proj.weight), _fp32(self.proj.bias))
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:

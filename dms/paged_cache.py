@@ -101,6 +101,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         self._peak = None
         self.grow_events = 0
         self._static_max_len = None  # set between begin_static / end_static (CUDA-graph decoding)
+        self._ones = None  # [B] all-True valid flags of decode steps without padding (kept between steps)
 
     # --- transformers Cache protocol -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states, window: int = 0):
@@ -239,7 +240,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
             e = ev.reshape(N * S).index_select(0, src) & ok.view(-1)
             self.pos_pool[:total] = p.view(total, PS).to(torch.int32)
             # ring entries (decisions still pending or recyclable) of the kept keys; others go to a dump column
-            seen = self.seen_s.long().index_select(0, owner).repeat_interleave(PS)
+            seen = self.seen_s.long().index_select(0, o_src)
             ring = (p >= 0) & (p >= seen - self.R)
             col = torch.where(ring, p % self.R, self.R)
             flat = o_src * (self.R + 1) + col
@@ -431,7 +432,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
             self._reserve_decode()
             max_len = self._len_bound
         if valid is None:
-            if getattr(self, "_ones", None) is None or self._ones.shape[0] != B:
+            if self._ones is None or self._ones.shape[0] != B:
                 self._ones = torch.ones(B, dtype=torch.bool, device=self.device)  # kept: no fill kernel per step
             v1 = self._ones
         else:
@@ -465,13 +466,15 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         Hkv, W, dev = self.Hkv, self.window, self.device
         self.columns += Tn
         padded = valid is not None
-        if valid is None:
-            valid = torch.ones(B, Tn, dtype=torch.bool, device=dev)
         S = self._len_bound  # host bound on the held length: 0 for a first prompt (nothing to gather)
         seen = self.seen
-        n_valid = valid.sum(-1)
-        new_pos = torch.where(valid, seen[:, None] + valid.long().cumsum(-1) - 1, -1)  # [B, Tn]
-        new_evict, first = chunk_decisions(logits, valid if padded else None)  # as the reference cache
+        if padded:
+            n_valid = valid.sum(-1)
+            new_pos = torch.where(valid, seen[:, None] + valid.long().cumsum(-1) - 1, -1)  # [B, Tn]
+        else:
+            n_valid = Tn
+            new_pos = seen[:, None] + torch.arange(Tn, device=dev)
+        new_evict, first = chunk_decisions(logits, valid)  # as the reference cache
         if S > 0:
             keys_o, vals_o, pos_o, ev_o = self._dense()
             has_first = first < Tn

@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -540,22 +541,6 @@ def calibrate_retention(model, evict_fraction, dev, T=2048):
             l.self_attn.dms_retention.proj.bias.copy_(thr - q)
 
 
-@contextlib.contextmanager
-def _env(name, value):
-    """Set (value) or leave (None) an environment variable for the duration."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
 def bench_prefill(args, model, dev, timer, rows):
     full = model.model.layers
     if args.prefill_layers and args.prefill_layers < len(full):
@@ -582,8 +567,9 @@ def _bench_prefill(args, model, dev, timer, rows):
 
             def run():
                 holder["c"] = PagedDMSCache(model, page_size=args.page_size)
+                flags = {"DMS_ATTN_TILE_FLAGS": "1"} if name.endswith("_flags") else {}
                 with torch.no_grad(), (eviction_off(model) if name.startswith("dense") else contextlib.nullcontext()), \
-                        _env("DMS_ATTN_TILE_FLAGS", "1" if name.endswith("_flags") else None):
+                        mock.patch.dict(os.environ, flags):
                     model(ids, past_key_values=holder["c"], use_cache=True, logits_to_keep=1)
 
             if dev.type == "cuda":

@@ -33,37 +33,13 @@ __all__ = ["gate_up_silu", "gate_up_silu_reference", "grouped_linear", "grouped_
            "rope_reference", "silu_mul", "silu_mul_reference"]
 
 
-def rms_norm(*args, **kwargs):
-    from .triton_ops import rms_norm as _f
-
-    return _f(*args, **kwargs)
+_TRITON_OPS = ("gate_up_silu", "grouped_linear", "retention_head", "rms_norm", "rope", "silu_mul")
 
 
-def rope(*args, **kwargs):
-    from .triton_ops import rope as _f
+def __getattr__(name):
+    # the kernels load triton on first use, so importing the references needs no triton
+    if name in _TRITON_OPS:
+        from . import triton_ops
 
-    return _f(*args, **kwargs)
-
-
-def silu_mul(*args, **kwargs):
-    from .triton_ops import silu_mul as _f
-
-    return _f(*args, **kwargs)
-
-
-def retention_head(*args, **kwargs):
-    from .triton_ops import retention_head as _f
-
-    return _f(*args, **kwargs)
-
-
-def grouped_linear(*args, **kwargs):
-    from .triton_ops import grouped_linear as _f
-
-    return _f(*args, **kwargs)
-
-
-def gate_up_silu(*args, **kwargs):
-    from .triton_ops import gate_up_silu as _f
-
-    return _f(*args, **kwargs)
+        return getattr(triton_ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

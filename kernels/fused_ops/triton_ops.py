@@ -41,32 +41,25 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
-def _rms_norm_kernel(X, W, Y, C, sx, sy, eps, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+def _rms_norm_kernel(X, W, Y, C, sx, sy, eps, BLOCK: tl.constexpr):
+    # two passes over the row (statistics, then output); for C <= BLOCK each is one tile and the second
+    # read of x comes from cache
     row = tl.program_id(0).to(tl.int64)
     x_ptr = X + row * sx
     y_ptr = Y + row * sy
-    if ONE_PASS:
-        offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < C, other=0.0).to(tl.float32)
+        acc += x * x
+    r = tl.math.rsqrt(tl.sum(acc, 0) / C + eps)
+    for c0 in range(0, C, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
         m = offs < C
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        r = tl.math.rsqrt(tl.sum(x * x, 0) / C + eps)
         h = (x * r).to(X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, (w * h).to(Y.dtype.element_ty), mask=m)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + offs, mask=offs < C, other=0.0).to(tl.float32)
-            acc += x * x
-        r = tl.math.rsqrt(tl.sum(acc, 0) / C + eps)
-        for c0 in range(0, C, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            m = offs < C
-            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            h = (x * r).to(X.dtype.element_ty).to(tl.float32)
-            w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs, (w * h).to(Y.dtype.element_ty), mask=m)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,11 +73,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     y = _new(x2.shape, out_dtype, x.device)
     if x2.shape[0]:
-        one = C <= 8192
-        blk = _pow2(C) if one else 2048
+        blk = min(_pow2(C), 8192)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, C, x2.stride(0), y.stride(0), float(eps),
-                                         BLOCK=blk, ONE_PASS=one, num_warps=8 if blk >= 4096 else 4)
+                                         BLOCK=blk, num_warps=8 if blk >= 4096 else 4)
     return y.view(*x.shape[:-1], C)
+
+
+@triton.jit
+def _rope_heads(X, XO, sx_h, so_h, c, s, d, partner, neg, dm, NH: tl.constexpr, BH: tl.constexpr):
+    # x * cos + rotate_half(x) * sin for the NH heads of one (b, t); X / XO point at head 0 of that row
+    h = tl.arange(0, BH)
+    m = (h < NH)[:, None] & dm[None, :]
+    base = X + h[:, None] * sx_h
+    x = tl.load(base + d[None, :], mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(base + partner[None, :], mask=m, other=0.0).to(tl.float32)
+    ps = (xp * s[None, :]).to(X.dtype.element_ty).to(tl.float32)
+    out = (x * c[None, :]).to(X.dtype.element_ty).to(tl.float32) + tl.where(neg, -ps, ps)
+    tl.store(XO + h[:, None] * so_h + d[None, :], out.to(XO.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -98,25 +103,11 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, T, D,
     dm = d < D
     half = D // 2
     partner = tl.where(d < half, d + half, d - half)
+    neg = (d < half)[None, :]
     c = tl.load(COS + b * scb + t * sct + d, mask=dm, other=0.0).to(tl.float32)
     s = tl.load(SIN + b * ssb + t * sst + d, mask=dm, other=0.0).to(tl.float32)
-    neg = (d < half)[None, :]
-    h = tl.arange(0, BH)
-    m = (h < H)[:, None] & dm[None, :]
-    base = Q + b * sqb + t * sqt + h[:, None] * sqh
-    x = tl.load(base + d[None, :], mask=m, other=0.0).to(tl.float32)
-    xp = tl.load(base + partner[None, :], mask=m, other=0.0).to(tl.float32)
-    ps = (xp * s[None, :]).to(Q.dtype.element_ty).to(tl.float32)
-    out = (x * c[None, :]).to(Q.dtype.element_ty).to(tl.float32) + tl.where(neg, -ps, ps)
-    tl.store(QO + b * sob + t * sot + h[:, None] * soh + d[None, :], out.to(QO.dtype.element_ty), mask=m)
-    hk = tl.arange(0, BHK)
-    mk = (hk < HKV)[:, None] & dm[None, :]
-    kbase = K + b * skb + t * skt + hk[:, None] * skh
-    x = tl.load(kbase + d[None, :], mask=mk, other=0.0).to(tl.float32)
-    xp = tl.load(kbase + partner[None, :], mask=mk, other=0.0).to(tl.float32)
-    ps = (xp * s[None, :]).to(K.dtype.element_ty).to(tl.float32)
-    out = (x * c[None, :]).to(K.dtype.element_ty).to(tl.float32) + tl.where(neg, -ps, ps)
-    tl.store(KO + b * sjb + t * sjt + hk[:, None] * sjh + d[None, :], out.to(KO.dtype.element_ty), mask=mk)
+    _rope_heads(Q + b * sqb + t * sqt, QO + b * sob + t * sot, sqh, soh, c, s, d, partner, neg, dm, H, BH)
+    _rope_heads(K + b * skb + t * skt, KO + b * sjb + t * sjt, skh, sjh, c, s, d, partner, neg, dm, HKV, BHK)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -47,9 +47,8 @@ def _dense_rows(t):
 def _prep(q, k, v, log_keep, doc_ids, bounds=None, strided=False):
     from .triton_fwd import doc_bounds
 
-    if strided and _dense_rows(q) and _dense_rows(k) and k.stride() == v.stride():
-        pass  # forward-only kernel reads transformers' transposed [B, T, H, D] projections in place
-    else:
+    # the forward-only kernel (strided) reads transformers' transposed [B, T, H, D] projections in place
+    if not (strided and _dense_rows(q) and _dense_rows(k) and k.stride() == v.stride()):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lk = log_keep.detach().float().contiguous()
     if bounds is None and doc_ids is not None:
