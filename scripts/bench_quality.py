@@ -17,6 +17,8 @@ Stages (each skips what <work> already holds, so a run can be split over several
             in this order: q-neuron retention heads (full fine-tune, as they have no parameters of their own),
             adapter heads + full fine-tune, immediate eviction (window 0), other windows (--ablation-windows)
   eval      dms.eval.evaluate_system for the base model (full cache), every baseline at every CR, every retrofit
+            (Quest: one system per --quest-page-sizes entry; its KV reads include its page metadata and its page
+            selection fits the same reads budget, unless --quest-metadata ignore)
   report    docs/results/quality.json, the "Quality" section of docs/benchmarks.md and docs/quality_*.png
 """
 from __future__ import annotations
@@ -72,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--mix-task-fraction", type=float, default=0.3,
                    help="share of retrieval documents in the retrofit corpus (the rest: plain corpus text)")
     p.add_argument("--baselines", nargs="*", default=["sliding_window", "streaming_llm", "h2o", "tova", "quest"])
+    p.add_argument("--quest-metadata", default="count", choices=("count", "ignore"),
+                   help="Quest's KV reads: count its page metadata (one token-equivalent per page) within the reads "
+                        "budget (default), or ignore it (the older accounting, for comparison)")
+    p.add_argument("--quest-page-sizes", type=int, nargs="+", default=[16],
+                   help="one Quest system per page size: 'quest' for 16, 'quest-pN' for the others")
     p.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--n-per-task", type=int, default=16)
     p.add_argument("--ppl-rows", type=int, default=8)
@@ -94,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny CPU end-to-end run of every stage (a 2-layer base model, a few steps, a few examples)")
     args = p.parse_args(argv)
+    if any(ps < 1 for ps in args.quest_page_sizes):
+        p.error(f"--quest-page-sizes must be >= 1; got {args.quest_page_sizes}")
+    args.quest_page_sizes = list(dict.fromkeys(args.quest_page_sizes))
     if args.smoke:
         apply_smoke(args)
     if args.ppl_len is None:
@@ -114,6 +124,20 @@ def apply_smoke(args):
     args.mix_docs, args.eval_lengths, args.n_per_task = 30, [256], 2
     args.ppl_rows, args.eval_batch, args.prefill_chunk = 2, 4, 64
     args.device = args.device or "cpu"
+
+
+def baseline_systems(args) -> list[tuple[str, str, dict]]:
+    """``(name, policy, PolicyCache options)`` of each training-free baseline, in ``--baselines`` order; Quest
+    gives one per ``--quest-page-sizes`` entry (``quest`` for page size 16, ``quest-pN`` otherwise)."""
+    out = []
+    for b in args.baselines:
+        if b != "quest":
+            out.append((b, b, {}))
+            continue
+        for ps in args.quest_page_sizes:
+            out.append(("quest" if ps == 16 else f"quest-p{ps}", "quest",
+                        {"page_size": ps, "quest_metadata": args.quest_metadata}))
+    return out
 
 
 def run_specs(args):
@@ -231,11 +255,19 @@ def main(argv=None) -> int:
     ecfg = EvalConfig(lengths=args.eval_lengths, n_per_task=args.n_per_task, ppl_rows=args.ppl_rows,
                       ppl_len=args.ppl_len, batch_size=args.eval_batch, ppl_batch_size=args.ppl_batch,
                       prefill_chunk=args.prefill_chunk, seed=args.eval_seed)
+    baselines = baseline_systems(args)
+    bnames = [name for name, _, _ in baselines]
     results: dict[str, dict] = {}
     for f in sorted((work / "eval").glob("*.json")):
         r = json.loads(f.read_text())
-        if r.get("eval_config") == json.loads(json.dumps(ecfg.__dict__)):
-            results[r["system"]] = r
+        if r.get("eval_config") != json.loads(json.dumps(ecfg.__dict__)):
+            continue
+        if r.get("policy") == "quest" and r.get("quest_metadata", "ignore") != args.quest_metadata:
+            # Rows from before the metadata accounting counted only the selected pages.
+            print(f"[eval {r['system']}] cached with quest_metadata={r.get('quest_metadata', 'ignore')}, not "
+                  f"{args.quest_metadata}: not used", flush=True)
+            continue
+        results[r["system"]] = r
     if "eval" in args.stages:
         import dms
 
@@ -276,8 +308,8 @@ def main(argv=None) -> int:
         for cr in sorted(args.crs, reverse=True):
             if cr in main:
                 run_dms(main[cr])
-            for b in args.baselines:
-                run(PolicySystem(base, b, cr), base)
+            for name, policy, opts in baselines:
+                run(PolicySystem(base, policy, cr, name=f"{name}@cr{cr:g}", **opts), base)
         for spec in specs:
             run_dms(spec)
         timings["eval_s"] = time.time() - t
@@ -290,6 +322,7 @@ def main(argv=None) -> int:
                          "python": sys.version.split()[0]},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "timings_s": {**timings, "total_s": time.time() - t_start},
+            "quest_metadata": args.quest_metadata, "quest_page_sizes": args.quest_page_sizes,
             "failures": failures}, indent=1))
 
     # ---- report ---------------------------------------------------------------------------------------
@@ -299,7 +332,7 @@ def main(argv=None) -> int:
         run_rows = {s.name: bench.read_losses(runs_dir / s.name) for s in specs}
         main_runs = {s.cr: s.name for s in specs if s.name == f"dms-cr{s.cr:g}"}
         targets = {s.name: s.decision_target for s in specs}
-        summary = bench.summarize(results, args.crs, main_runs, args.baselines, run_rows, targets)
+        summary = bench.summarize(results, args.crs, main_runs, bnames, run_rows, targets)
         build_info = json.loads((base_dir / "build_info.json").read_text()) if (base_dir / "build_info.json").is_file() else {}
         meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -315,6 +348,7 @@ def main(argv=None) -> int:
         if notes:
             meta["notes"] = notes
         meta["context"] = args.ppl_len
+        meta["quest_metadata"] = args.quest_metadata  # the report uses only Quest rows of this accounting
         if args.cr_definition == "memory":
             meta["targets_line"] = (
                 f"CR = memory CR at {args.ppl_len:,} tokens for every system. Each DMS retrofit's compression loss "
@@ -325,15 +359,14 @@ def main(argv=None) -> int:
         imgs = []
         if results:
             abl = {s.name: s.cr for s in specs if s.name not in main_runs.values()}
-            bench.plot_quality(results, args.crs, main_runs, args.baselines, docs / "quality_vs_budget.png", meta["command"],
-                               abl)
-            bench.plot_kv_reads(results, args.crs, main_runs, args.baselines, docs / "quality_vs_kv_reads.png", meta["command"])
+            bench.plot_quality(results, args.crs, main_runs, bnames, docs / "quality_vs_budget.png", meta["command"], abl)
+            bench.plot_kv_reads(results, args.crs, main_runs, bnames, docs / "quality_vs_kv_reads.png", meta["command"])
             imgs += ["quality_vs_budget.png", "quality_vs_kv_reads.png"]
         if any(run_rows.values()):
             bench.plot_training({k: v for k, v in run_rows.items() if v}, docs / "quality_training_curves.png", meta["command"])
             imgs.append("quality_training_curves.png")
         order = ["full"] + [main_runs[c] for c in args.crs if c in main_runs]
-        order += [f"{b}@cr{c:g}" for c in args.crs for b in args.baselines]
+        order += [f"{b}@cr{c:g}" for c in args.crs for b in bnames]
         order += [s.name for s in specs if s.name not in order]
         runs_meta = {}
         for s in specs:
@@ -348,7 +381,8 @@ def main(argv=None) -> int:
                             "eval_attention": args.eval_attention, "runs": runs_meta},
                "timings_s": timings,
                "rows": [{k: v for k, v in results[n].items() if k != "eval_config"} for n in order if n in results],
-               "eval_config": ecfg.__dict__}
+               "eval_config": {**ecfg.__dict__, "quest_metadata": args.quest_metadata,
+                               "quest_page_sizes": args.quest_page_sizes}}
         out_json = Path(args.json)
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(doc, indent=1) + "\n")

@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--policies", nargs="+", default=["full"],
                    help="plain models only: full sliding_window streaming_llm h2o tova quest")
     p.add_argument("--crs", type=float, nargs="+", default=[8.0], help="plain models only: budget = context / CR")
+    p.add_argument("--quest-metadata", default="count", choices=("count", "ignore"),
+                   help="quest: count its page metadata (one token-equivalent per page) within the reads budget "
+                        "(default), or ignore it (the older accounting)")
     p.add_argument("--corpus-file", default="/work/shared/data/corpus/validation.jsonl.gz")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--n-per-task", type=int, default=16)
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
         else:
             model, tok = load_plain(args.model, device)
             teacher = model
-            systems = [PolicySystem(model, p, 1.0 if p == "full" else cr)
+            systems = [PolicySystem(model, p, 1.0 if p == "full" else cr,
+                                    **({"quest_metadata": args.quest_metadata} if p == "quest" else {}))
                        for p in args.policies for cr in ([1.0] if p == "full" else args.crs)]
         data = EvalData.build(tok, args.corpus_file, cfg)
     except (ValueError, OSError) as e:
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
         return 2
     results = [evaluate_system(s, teacher, tok, data, cfg, progress=not args.no_progress, keep_answers=args.keep_answers)
                for s in systems]
-    doc = {"model": args.model, "teacher": args.teacher,
+    doc = {"model": args.model, "teacher": args.teacher, "quest_metadata": args.quest_metadata,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

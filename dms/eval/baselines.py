@@ -23,9 +23,16 @@ Policies (``POLICIES``):
   (Zhang et al., 2023).
 - ``tova``: keeps the ``budget`` tokens with the largest attention from the *current* (last) query, averaged
   over the query heads of a GQA group; i.e. drops the lowest-scored token each step (Oren et al., 2024).
-- ``quest``: keeps all tokens in pages of ``page_size``; each query reads only the ``budget // page_size``
-  pages with the largest upper-bound score ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` (its own page always
-  included) (Tang et al., 2024). With ``dense_prefill`` (generation) prompt chunks read everything, as in the paper.
+- ``quest``: keeps all tokens in pages of ``page_size`` and limits what each query *reads* to ``budget`` KV
+  tokens (Tang et al., 2024). A query first reads the metadata of every page that starts at or before its position
+  (``n_scored = pos // page_size + 1`` pages; for a decode step all ``ceil(S / page_size)`` pages of the ``S``
+  held keys): the elementwise key max and min vectors, two D-vectors per page, i.e. one KV-token-equivalent per
+  page. It then reads the ``max(1, (budget - n_scored) // page_size)`` pages with the largest upper-bound score
+  ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` (its own page always included), so metadata plus pages stay within
+  ``budget``; when even the metadata and one page do not fit, it reads its own page only and goes over (counted
+  in ``quest_over_budget_queries``). A query whose visible keys fit in the budget reads them all, without metadata.
+  ``quest_metadata="ignore"`` restores the older accounting (``budget // page_size`` pages, metadata not counted;
+  comparison only). With ``dense_prefill`` (generation) prompt chunks read everything, as in the paper.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 POLICIES = ("full", "sliding_window", "streaming_llm", "h2o", "tova", "quest")
+QUEST_METADATA = ("count", "ignore")  # Quest page-metadata reads: counted in the reads budget, or not (older runs)
 ATTN_NAME = "kv_policy"
 
 
@@ -52,8 +60,10 @@ class PolicyCacheLayer(CacheLayerMixin):
         self.seen = 0
         self.columns = 0
         self.peak_tokens = 0
-        self.decode_reads = 0
+        self.decode_reads = 0  # KV tokens read by decode queries (Quest: page-metadata token-equivalents included)
         self.prefill_reads = 0
+        self.quest_metadata_reads = 0  # Quest page-metadata token-equivalents read (decode + prefill)
+        self.quest_over_budget = 0  # Quest queries (x rows x KV heads) that read more than the budget
         self.held_history: list[int] = []
 
     # --- transformers Cache protocol -------------------------------------------------------------
@@ -86,28 +96,46 @@ class PolicyCacheLayer(CacheLayerMixin):
     def held(self) -> int:
         return 0 if self.pos is None else self.pos.numel()
 
-    def _visible(self, q_pos: torch.Tensor, query: torch.Tensor, dense: bool) -> torch.Tensor:
-        """``[B, Hkv, Tn, S]`` bool: which held keys each new query reads."""
+    def _visible(self, q_pos: torch.Tensor, query: torch.Tensor, dense: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B|1, Hkv|1, Tn, S]`` bool: which held keys each new query reads; and, for Quest, ``[Tn]`` long: the
+        page-metadata token-equivalents each query reads besides (None for the other policies)."""
         c = self.cache
         kp = self.pos[:, :, None, :]  # [B, Hkv, 1, S]
         qp = q_pos[None, None, :, None]
         vis = kp <= qp
+        meta = None
         if c.policy == "sliding_window":
             vis = vis & ((qp - kp) <= c.budget)
         elif c.policy == "streaming_llm":
             vis = vis & ((kp < c.sink_tokens) | ((qp - kp) <= c.budget - c.sink_tokens))
         elif c.policy == "quest" and not dense:
-            vis = vis & self._quest_pages(query, q_pos)
-        return vis
+            pages, meta = self._quest_pages(query, q_pos)
+            vis = vis & pages
+        return vis, meta
 
-    def _quest_pages(self, query: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    def _quest_pages(self, query: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B|1, Hkv|1, Tn, S]`` bool: the keys of the pages each query reads; ``[Tn]`` long: the metadata
+        token-equivalents (one per scored page) it reads to choose them (zeros with ``quest_metadata="ignore"``)."""
         c = self.cache
         P = c.page_size
         B, Hkv, S, D = self.keys.shape
+        dev = query.device
         n_pages = math.ceil(S / P)
-        k_sel = max(1, c.budget // P)
-        if n_pages <= k_sel or S <= c.budget + 1:
-            return torch.ones(1, 1, 1, S, dtype=torch.bool, device=query.device)
+        every = torch.ones(1, 1, 1, S, dtype=torch.bool, device=dev)
+        no_meta = torch.zeros_like(q_pos)
+        if c.quest_metadata == "ignore":  # the older accounting: budget // P pages, metadata reads not counted
+            k_sel = torch.full_like(q_pos, max(1, c.budget // P))
+            if n_pages <= c.budget // P or S <= c.budget + 1:
+                return every, no_meta
+            fits, meta = torch.zeros_like(q_pos, dtype=torch.bool), no_meta
+        else:
+            # Positions == slots (Quest keeps all): the query at q reads the metadata of the pages starting <= q.
+            n_scored = q_pos // P + 1
+            fits = q_pos + 1 <= c.budget  # all its visible keys cost no more than the budget: read them, no scoring
+            if bool(fits.all()):
+                return every, no_meta
+            k_sel = ((c.budget - n_scored) // P).clamp(min=1)
+            meta = torch.where(fits, no_meta, n_scored)
         pad = n_pages * P - S
         kf = self.keys.float()
         kmax = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(B, Hkv, n_pages, P, D).amax(3)
@@ -116,13 +144,15 @@ class PolicyCacheLayer(CacheLayerMixin):
         q = query.float().view(B, Hkv, g, -1, D)  # [B, Hkv, g, Tn, D]
         ub = torch.maximum(q[..., None, :] * kmax[:, :, None, None], q[..., None, :] * kmin[:, :, None, None])
         ub = ub.sum(-1).sum(2)  # [B, Hkv, Tn, n_pages]
-        page_start = torch.arange(n_pages, device=query.device) * P  # positions == slots (Quest keeps all)
-        own = (q_pos[:, None] // P) == torch.arange(n_pages, device=query.device)[None, :]  # [Tn, n_pages]
+        page_start = torch.arange(n_pages, device=dev) * P
+        own = (q_pos[:, None] // P) == torch.arange(n_pages, device=dev)[None, :]  # [Tn, n_pages]
         future = page_start[None, :] > q_pos[:, None]
         ub = ub.masked_fill(future, float("-inf")).masked_fill(own, float("inf"))
-        top = ub.topk(k_sel, dim=-1).indices  # [B, Hkv, Tn, k_sel]
-        pages = torch.zeros_like(ub, dtype=torch.bool).scatter_(-1, top, True)
-        return pages.repeat_interleave(P, dim=-1)[..., :S]
+        k = min(int(k_sel.max()), n_pages)
+        top = ub.topk(k, dim=-1).indices  # [B, Hkv, Tn, k], best first (own page first)
+        take = (torch.arange(k, device=dev)[None, :] < k_sel[:, None]).expand_as(top)  # each query's k_sel best
+        pages = torch.zeros_like(ub, dtype=torch.bool).scatter_(-1, top, take)
+        return pages.repeat_interleave(P, dim=-1)[..., :S] | fits[:, None], meta
 
     def attend(self, query, key, value, scaling: float, dense: bool = False) -> torch.Tensor:
         """query ``[B, H, Tn, D]``, key/value ``[B, Hkv, Tn, D]`` -> ``[B, H, Tn, D]``; then evict to the budget."""
@@ -141,12 +171,17 @@ class PolicyCacheLayer(CacheLayerMixin):
         self.seen += Tn
         self.peak_tokens = max(self.peak_tokens, self.held())
 
-        vis = self._visible(q_pos, query, dense)  # [B|1, Hkv|1, Tn, S]
-        reads = int(vis.expand(B, Hkv, Tn, -1)[:, :, -1].sum())  # keys the last query of the call reads
+        vis, meta = self._visible(q_pos, query, dense)  # [B|1, Hkv|1, Tn, S], [Tn] or None
+        reads = vis.expand(B, Hkv, Tn, -1).sum(-1)  # [B, Hkv, Tn] KV tokens each query reads
+        if meta is not None:  # Quest: plus the page metadata it scores (one token-equivalent per page)
+            reads = reads + meta
+            self.quest_metadata_reads += int(meta.sum()) * B * Hkv
+            if self.cache.quest_metadata == "count":
+                self.quest_over_budget += int((reads > self.cache.budget).sum())
         if Tn == 1:
-            self.decode_reads += reads
+            self.decode_reads += int(reads.sum())
         else:
-            self.prefill_reads += int(vis.expand(B, Hkv, Tn, -1).sum())
+            self.prefill_reads += int(reads.sum())
         q = query.float().view(B, Hkv, g, Tn, D)
         s = torch.matmul(q, self.keys.float()[:, :, None].transpose(-1, -2)) * scaling  # [B, Hkv, g, Tn, S]
         s = s.masked_fill(~vis[:, :, None], float("-inf"))
@@ -196,12 +231,17 @@ class PolicyCache(Cache):
         sink_tokens: StreamingLLM attention sinks (default 4).
         recent_fraction: H2O share of the budget kept for the most recent tokens (default 0.5).
         page_size: Quest page size (default 16).
+        quest_metadata: ``"count"`` (default): Quest's reads include its page metadata (one token-equivalent per
+            scored page) and its page selection is sized so that metadata plus pages fit in ``budget``;
+            ``"ignore"``: the older accounting (``budget // page_size`` pages, metadata not counted).
     """
 
     def __init__(self, num_layers: int, policy: str, budget: int | None = None, sink_tokens: int = 4,
-                 recent_fraction: float = 0.5, page_size: int = 16):
+                 recent_fraction: float = 0.5, page_size: int = 16, quest_metadata: str = "count"):
         if policy not in POLICIES:
             raise ValueError(f"unknown KV policy {policy!r}; choose one of {POLICIES}")
+        if quest_metadata not in QUEST_METADATA:
+            raise ValueError(f"unknown quest_metadata {quest_metadata!r}; choose one of {QUEST_METADATA}")
         if policy == "full":
             budget = budget or 1 << 62
         if budget is None or isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
@@ -215,6 +255,7 @@ class PolicyCache(Cache):
             raise ValueError(f"quest needs budget >= page_size; got budget {budget}, page_size {page_size}")
         self.policy, self.budget = policy, budget
         self.sink_tokens, self.recent_fraction, self.page_size = sink_tokens, recent_fraction, page_size
+        self.quest_metadata = quest_metadata
         self.dense_prefill = False
         super().__init__(layers=[PolicyCacheLayer(self) for _ in range(num_layers)])
 
@@ -223,7 +264,12 @@ class PolicyCache(Cache):
         return self.layers[layer_idx].attend(query, key, value, scaling, dense=dense)
 
     def stats(self) -> dict:
-        """Tokens seen/held, memory CR, peak tokens held and KV reads (per KV head, summed over rows and layers)."""
+        """Tokens seen/held, memory CR, peak tokens held and KV reads (per KV head, summed over rows and layers).
+
+        Quest also reports ``quest_metadata`` (the accounting), ``quest_metadata_reads`` (page-metadata
+        token-equivalents read, decode + prefill, included in the KV reads with ``"count"``; 0 with ``"ignore"``)
+        and ``quest_over_budget_queries`` (queries x rows x KV heads whose reads exceeded the budget).
+        """
         layers = [l for l in self.layers if l.is_initialized]
         if not layers:
             return {"tokens_seen": 0, "tokens_held": 0, "memory_cr": 1.0}
@@ -231,11 +277,16 @@ class PolicyCache(Cache):
         seen = layers[0].seen * B
         held = sum(l.held() for l in layers)
         per_layer = [seen * Hkv / max(l.held(), 1) for l in layers]
-        return {"tokens_seen": seen, "tokens_held": held, "memory_cr": seen * Hkv * len(layers) / max(held, 1),
-                "memory_cr_per_layer": per_layer,
-                "peak_tokens_held": sum(l.peak_tokens for l in layers),
-                "decode_kv_reads": sum(l.decode_reads for l in layers),
-                "prefill_kv_reads": sum(l.prefill_reads for l in layers)}
+        st = {"tokens_seen": seen, "tokens_held": held, "memory_cr": seen * Hkv * len(layers) / max(held, 1),
+              "memory_cr_per_layer": per_layer,
+              "peak_tokens_held": sum(l.peak_tokens for l in layers),
+              "decode_kv_reads": sum(l.decode_reads for l in layers),
+              "prefill_kv_reads": sum(l.prefill_reads for l in layers)}
+        if self.policy == "quest":
+            st.update({"quest_metadata": self.quest_metadata,
+                       "quest_metadata_reads": sum(l.quest_metadata_reads for l in layers),
+                       "quest_over_budget_queries": sum(l.quest_over_budget for l in layers)})
+        return st
 
 
 def policy_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):

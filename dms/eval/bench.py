@@ -292,7 +292,7 @@ def markdown_section(results: dict, order: list[str], summary: dict, meta: dict,
              "Budget for training-free baselines: tokens held per KV head = context / CR. DMS rows show the CR the "
              "retrofit *achieved* (decision CR = 1/(1 - evicted fraction); memory CR = tokens seen / tokens held at the "
              f"end of the {ctx:,}-token perplexity rows, window included). Quest keeps every token and limits only the "
-             "reads (compare it on the KV-reads column).", ""]
+             "reads (compare it on the KV-reads column)" + _quest_note(meta.get("quest_metadata", "count")), ""]
     if meta.get("targets_line"):
         lines += [meta["targets_line"], ""]
     lines += [
@@ -315,6 +315,16 @@ def markdown_section(results: dict, order: list[str], summary: dict, meta: dict,
     lines += [f"Note: {n}  " for n in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
     lines += [f"![{Path(i).stem}]({i})" for i in images]
     return "\n".join(lines) + "\n"
+
+
+def _quest_note(accounting: str) -> str:
+    """The end of the table note: how Quest's KV reads are counted (``PolicyCache(quest_metadata=...)``)."""
+    if accounting == "ignore":
+        return (": its reads count only the selected pages (budget / page size pages), not the per-page key "
+                "max/min metadata it scores them with (`--quest-metadata ignore`).")
+    return ("; its reads include its page metadata (the per-page key max/min vectors: one token-equivalent per "
+            "page), and its page selection is sized to the same reads budget (metadata + pages <= context / CR "
+            "tokens per KV head). `quest` uses pages of 16 tokens, `quest-pN` pages of N.")
 
 
 def targets(summary: dict) -> list[str]:

@@ -10,7 +10,9 @@ A *system* is a model plus the way its KV cache is managed:
 :func:`evaluate_system` returns one JSON-able dict: ``ppl``, ``teacher_ppl``, ``ppl_increase`` (fraction),
 ``kl`` (teacher || system, nats/token), ``decision_cr`` and ``memory_cr`` (overall, per layer, per head:
 always named), task accuracies, ``peak_tokens_held`` and ``decode_kv_reads`` (KV entries of one KV head
-read during generation, summed over layers, rows and steps).
+read during generation, summed over layers, rows and steps; Quest's include its page metadata, one
+token-equivalent per page, reported also as ``quest_metadata_reads``, with its ``page_size`` and ``quest_metadata``
+accounting).
 """
 from __future__ import annotations
 
@@ -92,13 +94,20 @@ class EvalData:
 
 
 class PolicySystem:
-    """A plain model with a training-free KV policy at ``budget = context // cr`` (``full``: no eviction)."""
+    """A plain model with a training-free KV policy at ``budget = context // cr`` (``full``: no eviction).
+
+    ``opts`` go to :class:`dms.eval.baselines.PolicyCache` (e.g. ``page_size``, ``quest_metadata``); for Quest
+    the resolved ``page_size`` and ``quest_metadata`` accounting are kept in ``quest_settings`` (recorded in results).
+    """
 
     def __init__(self, model, policy: str, cr: float = 1.0, name: str | None = None, **opts):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
         if not cr >= 1:
             raise ValueError(f"cr must be >= 1; got {cr}")
+        probe = PolicyCache(0, policy, 1 << 30, **opts)  # checks opts now rather than at the first evaluation
+        self.quest_settings = ({"page_size": probe.page_size, "quest_metadata": probe.quest_metadata}
+                               if policy == "quest" else None)
         self.model = prepare_policy_model(model)
         self.policy, self.cr, self.opts = policy, float(cr), opts
         self.name = name or (policy if policy == "full" else f"{policy}@cr{cr:g}")
@@ -274,6 +283,7 @@ def run_tasks(system, tokenizer, examples: list[Example], cfg: EvalConfig, progr
     per, rows = {}, []
     reads = peak = 0
     held = seen = 0
+    quest = {}  # Quest: page-metadata reads and over-budget queries, summed like the reads
     for (task, L), exs in sorted(groups.items()):
         correct = 0
         for s in range(0, len(exs), cfg.batch_size):
@@ -286,6 +296,9 @@ def run_tasks(system, tokenizer, examples: list[Example], cfg: EvalConfig, progr
             else:
                 st = cache.stats()
             reads += st["decode_kv_reads"]
+            for k in ("quest_metadata_reads", "quest_over_budget_queries"):
+                if k in st:
+                    quest[k] = quest.get(k, 0) + st[k]
             peak = max(peak, st["peak_tokens_held"] / len(batch))
             held += st["tokens_held"]
             seen += st["tokens_seen"]
@@ -303,7 +316,7 @@ def run_tasks(system, tokenizer, examples: list[Example], cfg: EvalConfig, progr
     layers = system.model.config.num_hidden_layers
     return {"accuracy": per, "task_accuracy": acc, "retrieval_accuracy": retrieval,
             "mean_accuracy": _mean([a for a in acc.values() if a is not None]),
-            "decode_kv_reads": reads, "peak_tokens_held_per_row": peak,
+            "decode_kv_reads": reads, **quest, "peak_tokens_held_per_row": peak,
             "generation_memory_cr": seen * layers * _num_kv(system.model) / max(held, 1),
             "answers": rows}
 
@@ -326,7 +339,7 @@ def evaluate_system(system, teacher, tokenizer, data: EvalData, cfg: EvalConfig,
     bar = tqdm(total=n_ppl + n_gen, desc=f"eval {system.name}", disable=not progress, dynamic_ncols=True)
     res = {"system": system.name}
     if isinstance(system, PolicySystem):
-        res.update({"policy": system.policy, "cr": system.cr})
+        res.update({"policy": system.policy, "cr": system.cr, **(system.quest_settings or {})})
     else:
         res.update({"policy": "dms", "window": system.window})
     if data.rows.shape[0]:

@@ -80,6 +80,18 @@ def test_full_cache_system_matches_teacher(tok, data):
     assert h["memory_cr"] == pytest.approx(4.0) and h["decode_kv_reads"] < r["decode_kv_reads"]
 
 
+def test_quest_system_records_its_read_accounting(tok, data):
+    cfg, d = data
+    model = cf.tiny_model("llama", vocab=len(tok), max_position_embeddings=1024)
+    q = evaluate_system(PolicySystem(model, "quest", cr=4), model, tok, d, cfg, progress=False)
+    assert (q["policy"], q["page_size"], q["quest_metadata"]) == ("quest", 16, "count")
+    # 256-token prompts, budget 64: each decode step reads 17 pages of metadata + 2 pages (own one partial).
+    assert 0 < q["quest_metadata_reads"] < q["decode_kv_reads"] and q["quest_over_budget_queries"] == 0
+    old = evaluate_system(PolicySystem(model, "quest", cr=4, quest_metadata="ignore"), model, tok, d, cfg, progress=False)
+    assert old["quest_metadata"] == "ignore" and old["quest_metadata_reads"] == 0
+    assert old["decode_kv_reads"] > q["decode_kv_reads"]  # 4 pages vs 2 pages + metadata
+
+
 def test_dms_system_crs_match_the_cache(tok, data, randomize):
     import dms
 

@@ -85,3 +85,26 @@ def test_summary_steps_use_the_decision_target_and_report_names_the_context():
     meta = {"command": "c", "device": "d", "versions": {}, "date": "t", "context": 4096, "targets_line": "TARGETS"}
     md = markdown_section(res, ["full", "dms-cr8"], s, meta, [])
     assert "4,096-token perplexity rows" in md and "TARGETS" in md
+
+
+def test_quest_page_sizes_are_baselines_and_the_note_names_the_accounting():
+    bq = _script()
+    args = bq.parse_args(["--quest-page-sizes", "16", "32", "64"])
+    assert args.quest_metadata == "count"
+    systems = bq.baseline_systems(args)
+    assert [n for n, _, _ in systems] == ["sliding_window", "streaming_llm", "h2o", "tova", "quest", "quest-p32",
+                                          "quest-p64"]
+    assert systems[-1][1:] == ("quest", {"page_size": 64, "quest_metadata": "count"})
+    assert [n for n, _, _ in bq.baseline_systems(bq.parse_args(["--quest-metadata", "ignore"]))][-1] == "quest"
+    with pytest.raises(SystemExit):
+        bq.parse_args(["--quest-metadata", "pages"])
+    res = {"full": {"retrieval_accuracy": 1.0},
+           "quest@cr8": {"policy": "quest", "ppl_increase": 0.2, "retrieval_accuracy": 0.5},
+           "quest-p32@cr8": {"policy": "quest", "ppl_increase": 0.1, "retrieval_accuracy": 0.7}}
+    s = summarize(res, [8.0], {}, [n for n, _, _ in systems], {})
+    assert s["best_baseline_ppl_increase_cr8_policy"] == "quest-p32"
+    assert s["best_baseline_retrieval_ratio_cr8"] == pytest.approx(0.7)
+    meta = {"command": "c", "device": "d", "versions": {}, "date": "t"}
+    md = markdown_section(res, ["quest@cr8"], s, {**meta, "quest_metadata": "count"}, [])
+    assert "page metadata" in md and "one token-equivalent per page" in md and "same reads budget" in md
+    assert "--quest-metadata ignore" in markdown_section(res, [], s, {**meta, "quest_metadata": "ignore"}, [])
