@@ -53,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crs", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     p.add_argument("--window", type=int, default=32, help="DMS window of the main runs (memory CR <= T / window)")
+    p.add_argument("--window-share", type=float, default=None,
+                   help="instead of one --window: each main run's window is this share of its budget, "
+                        "w = round(share * ppl_len / CR) (0.5: half of the tokens held are the recent window); "
+                        "the ablations use the largest CR's window")
     p.add_argument("--cr-definition", default="memory", choices=("memory", "decision"),
                    help="what 'CR c' means for DMS runs: memory CR c at --ppl-len tokens (default) or decision CR c")
     p.add_argument("--steps", type=int, default=300, help="retrofit steps per run")
@@ -104,6 +108,8 @@ def parse_args(argv=None):
     if any(ps < 1 for ps in args.quest_page_sizes):
         p.error(f"--quest-page-sizes must be >= 1; got {args.quest_page_sizes}")
     args.quest_page_sizes = list(dict.fromkeys(args.quest_page_sizes))
+    if args.window_share is not None and not 0 < args.window_share < 1:
+        p.error(f"--window-share must be in (0, 1) (the window's share of the tokens held); got {args.window_share}")
     if args.smoke:
         apply_smoke(args)
     if args.ppl_len is None:
@@ -148,19 +154,27 @@ def run_specs(args):
         return RunSpec(name, cr, window, *rest, target_cr=target)
 
     top = max(args.crs)
-    specs = [spec(f"dms-cr{c:g}", c, args.window, "adapter", "adapter", args.lr)
+    specs = [spec(f"dms-cr{c:g}", c, main_window(args, c), "adapter", "adapter", args.lr)
              for c in sorted(args.crs, reverse=True)]
+    window = main_window(args, top)
     # Ablations in priority order (a --retrofit-deadline cuts from the end).
     if "qneuron" in args.ablations:
-        specs.append(spec(f"dms-cr{top:g}-qneuron", top, args.window, "q_neuron", "full", args.full_lr))
+        specs.append(spec(f"dms-cr{top:g}-qneuron", top, window, "q_neuron", "full", args.full_lr))
     if "full" in args.ablations:
-        specs.append(spec(f"dms-cr{top:g}-fullft", top, args.window, "adapter", "full", args.full_lr))
+        specs.append(spec(f"dms-cr{top:g}-fullft", top, window, "adapter", "full", args.full_lr))
     if "immediate" in args.ablations:
         specs.append(spec(f"dms-cr{top:g}-w0", top, 0, "adapter", "adapter", args.lr))
     if "windows" in args.ablations:
         specs += [spec(f"dms-cr{top:g}-w{w}", top, w, "adapter", "adapter", args.lr)
-                  for w in args.ablation_windows if w != args.window]
+                  for w in args.ablation_windows if w != window]
     return specs
+
+
+def main_window(args, cr: float) -> int:
+    """The DMS window of the main run at ``cr``: ``--window``, or ``--window-share`` of that run's budget."""
+    if args.window_share is None:
+        return args.window
+    return max(1, int(round(args.window_share * args.ppl_len / cr)))
 
 
 def main(argv=None) -> int:
@@ -376,7 +390,9 @@ def main(argv=None) -> int:
                                  "steps_to_target_cr": bench.steps_to_cr(run_rows.get(s.name, []), s.decision_target)}
         doc = {"summary": summary, **meta, "base_model": {k: v for k, v in build_info.items() if k != "loss_curve"},
                "retrofit": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                            "window": args.window, "attention": args.attention, "dtype": args.retrofit_dtype,
+                            "window": args.window if args.window_share is None else
+                            {f"{c:g}": main_window(args, c) for c in args.crs},
+                            "window_share": args.window_share, "attention": args.attention, "dtype": args.retrofit_dtype,
                             "cr_definition": args.cr_definition, "eval_context": args.ppl_len,
                             "eval_attention": args.eval_attention, "runs": runs_meta},
                "timings_s": timings,

@@ -65,6 +65,22 @@ def test_run_specs_order_and_targets(tmp_path):
     assert smoke.device == "cpu" and smoke.ppl_len == smoke.seq_len == 256 and len(bq.run_specs(smoke)) == 8
 
 
+def test_window_share_gives_each_cr_its_own_window():
+    bq = _script()
+    args = bq.parse_args(["--crs", "2", "4", "8", "--window-share", "0.5", "--seq-len", "4096", "--ablation-windows",
+                          "64", "128", "256"])
+    by = {s.name: s for s in bq.run_specs(args)}
+    # half of each budget (4096 / CR tokens held) is the recent window
+    assert [by[f"dms-cr{c}"].window for c in (2, 4, 8)] == [1024, 512, 256]
+    assert by["dms-cr2"].decision_target == pytest.approx((4096 - 1024) / (2048 - 1024))
+    # ablations sit at the largest CR's window; that window is not repeated as a window ablation
+    assert by["dms-cr8-qneuron"].window == by["dms-cr8-fullft"].window == 256
+    assert "dms-cr8-w256" not in by and {"dms-cr8-w64", "dms-cr8-w128", "dms-cr8-w0"} <= set(by)
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(SystemExit):
+            bq.parse_args(["--window-share", bad])
+
+
 def test_retrofit_config_trains_for_the_decision_target(tmp_path):
     from dms.eval.bench import retrofit_config
 
