@@ -43,7 +43,9 @@ class GraphedDecodeStep:
             step runs eagerly (same cache code path; used on CPU and as the reference in tests).
         fuse: run the step's elementwise chains as fused Triton kernels (:mod:`dms.decode_fusion`);
             default: when capturing CUDA graphs. ``fuse_gemm``: with ``fuse``, also the grouped q/k/v and
-            gate/up projection kernels (off by default; see :func:`dms.decode_fusion.fused_decode_ops`).
+            gate/up projection kernels of batches of at most 16 rows (:func:`dms.decode_fusion.fused_decode_ops`);
+            default: when ``fuse`` is on and CUDA graphs are captured (measured on the H100 at 32K / batch 8,
+            docs/benchmarks.md "Session 5": 8.60 vs 9.14 ms per CR-8 step).
 
     The returned logits of a replay live in a buffer that the next step overwrites; clone to keep them.
     Call :meth:`close` (or use it as a context manager) before other cache operations (another prompt
@@ -51,7 +53,7 @@ class GraphedDecodeStep:
     """
 
     def __init__(self, model, cache: PagedDMSCache, horizon: int = 128, cuda_graph: bool | None = None,
-                 forward=None, fuse: bool | None = None, fuse_gemm: bool = False):
+                 forward=None, fuse: bool | None = None, fuse_gemm: bool | None = None):
         from .shared_prefix import SharedPrefixDMSCache
 
         if not isinstance(cache, (PagedDMSCache, SharedPrefixDMSCache)):
@@ -76,7 +78,7 @@ class GraphedDecodeStep:
         if fuse and not fusion_available(self.device):
             raise ValueError(f"fuse=True needs CUDA (or TRITON_INTERPRET=1) and Triton; the model is on {self.device}")
         self.fuse = bool(self.cuda_graph and fusion_available(self.device)) if fuse is None else bool(fuse)
-        self.fuse_gemm = bool(fuse_gemm) and self.fuse
+        self.fuse_gemm = self.fuse and (self.cuda_graph if fuse_gemm is None else bool(fuse_gemm))
         self._call = forward or model  # the un-wrapped forward when enable_graph_decoding wraps the model
         self.graph = None
         self.left = 0
