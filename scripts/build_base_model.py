@@ -3,7 +3,8 @@
 
     python scripts/build_base_model.py --corpus /work/shared/data/corpus --out runs/base-llama
     python scripts/build_base_model.py --corpus .corpus --out runs/base-qwen3 --family qwen3 --steps 1500 --seed 1
-    python scripts/build_base_model.py --corpus .corpus --out runs/base --time-budget-s 200 --mix-weights 0.15,0.5,0.35
+    python scripts/build_base_model.py --corpus .corpus --out runs/base --time-budget-s 470 --max-seconds 495  # the reference
+                                                                                   # base of docs/benchmarks.md (one H100)
 
 The mix teaches in-context retrieval (planted key-value facts recalled later); the work lives in
 dms.base_models. Prints the validation loss and, with --eval-n > 0, the retrieval accuracy at full cache.

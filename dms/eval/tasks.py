@@ -269,7 +269,7 @@ class PretrainMix:
         max_hops: variable-tracking chain links (uniform in ``0..max``; the evaluation uses 2).
     """
 
-    weights: tuple = (0.15, 0.5, 0.35)
+    weights: tuple = (0.2, 0.6, 0.2)
     min_keys: int = 2
     max_keys: int = 10
     max_questions: int = 4
