@@ -183,9 +183,11 @@ def sweep(args):
             try:
                 res = []
                 for dms, mma in ((True, "1"), (True, "0"), (False, "1")):
-                    os.environ["DMS_ATTN_BIAS_MMA"] = mma
+                    # the dK/dV kernel's matmul bias has its own switch (off by default): on in the mma column
+                    os.environ["DMS_ATTN_BIAS_MMA"] = os.environ["DMS_ATTN_DKDV_BIAS_MMA"] = mma
                     res.append(_time(lambda: launch[kern](cfg(val), dms), budget_s=0.25)[0])
                 os.environ.pop("DMS_ATTN_BIAS_MMA")
+                os.environ.pop("DMS_ATTN_DKDV_BIAS_MMA")
                 rows.append((kern, val, *res))
                 print(f"{kern:5s} {val:12s} {res[0]:9.3f} {res[1]:14.3f} {res[2]:12.3f}   "
                       f"dms/nomask {res[0] / res[2]:.3f}  {mult[kern] * flops_f / res[0] * 1e-9:6.1f} TF/s", flush=True)

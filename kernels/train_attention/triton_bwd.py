@@ -6,7 +6,8 @@ Three deterministic launches, no atomics:
 2. key-block-major ``dK, dV, d log_keep``: one program owns ``BLOCK_N`` keys of one KV head and walks
    the query tiles of every query head of its GQA group, so the group sum of dK/dV and the mask
    gradient stay in registers. ``d log_keep[j] = sum_{i: i - j > W} dS[i, j]`` is the column sum of
-   dS over the far region, which this program already holds;
+   dS over the far region, which this program already holds (FAR tiles add log_keep elementwise, or by a
+   K=16 matmul with ``DMS_ATTN_DKDV_BIAS_MMA=1``: off until timed);
 3. query-block-major ``dQ`` (recomputes P like the forward, FAR tiles adding log_keep by a matmul too).
 
 With ``S = scale * q.k + [i - j > W] log_keep[j]``, ``P = exp(S - lse)``: ``dV = P^T dO``,
@@ -40,10 +41,13 @@ def _bwd_delta_kernel(O, DO, DLSE, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, dlk, k, v, lk, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr, qdoc_ptr,
-                stride_qt, start, end, T, W, qk_scale,
+def _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                qdoc_ptr, stride_qt, start, end, T, W, qk_scale,
                 MODE: tl.constexpr, HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr,
                 BLOCK_M: tl.constexpr, IN_PREC: tl.constexpr):
+    # MODE 4 is FAR with log_keep added by the tensor cores: the program's keys are the rows of the tile, so
+    # the K=16 product is lkr[BLOCK_N, 16] x ones_t[16, BLOCK_M] (columns / rows 0, 1: the hi and lo parts of
+    # log_keep / scale, see triton_fwd.split_log_keep), both loaded once per program.
     offs_m0 = tl.arange(0, BLOCK_M)
     # Software prefetch of the per-row vectors (lse, delta) one query tile ahead, like log_keep in
     # the forward: they are not matmul operands, so the pipeliner does not stage them.
@@ -61,7 +65,9 @@ def _dkdv_tiles(dk, dv, dlk, k, v, lk, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_
         delta_next = tl.load(delta_ptr + nxt, mask=nxt < T, other=0.0)
         st = tl.dot(k, qt, input_precision=IN_PREC)  # [BLOCK_N, BLOCK_M], raw q.k units (see the forward)
         if HAS_DMS:
-            if MODE == 1:
+            if MODE == 4:
+                st = tl.dot(lkr, ones_t, st, input_precision=IN_PREC)
+            elif MODE == 1:
                 st = st + lk[:, None]
             elif MODE != 0:
                 far = (offs_m[None, :] - offs_n[:, None]) > W
@@ -78,7 +84,7 @@ def _dkdv_tiles(dk, dv, dlk, k, v, lk, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=IN_PREC)
         if HAS_DMS:
-            if MODE == 1:
+            if MODE == 1 or MODE == 4:
                 dlk += tl.sum(dst, 1)
             elif MODE != 0:
                 dlk += tl.sum(tl.where(far, dst, 0.0), 1)
@@ -86,11 +92,12 @@ def _dkdv_tiles(dk, dv, dlk, k, v, lk, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_
 
 
 @triton.jit(do_not_specialize=["T", "W"])
-def _dms_bwd_dkdv_kernel(Q, K, V, LK, DOC, LAST, DO, LSE, DELTA, DK, DV, DLK,
+def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DLK,
                          sqb, sqh, sqt, skb, skh, skt,
                          H, T, W, qk_scale, sm_scale,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr):
+                         HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr,
+                         FAR_MODE: tl.constexpr):
     # Key block 0 walks the most query tiles: start it first.
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -107,6 +114,13 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, DOC, LAST, DO, LSE, DELTA, DK, DV, DLK,
     v = tl.load(V + kv_off, mask=nmask[:, None], other=0.0)
     lk_ptr = LK + bhk.to(tl.int64) * T
     lk = tl.load(lk_ptr + offs_n, mask=nmask, other=0.0) * (1.4426950408889634 / qk_scale)
+    c16 = tl.arange(0, 16)
+    lkr = lk  # placeholders unless FAR_MODE == 4
+    ones_t = lk
+    if FAR_MODE == 4:
+        lkr = tl.load(LK2 + bhk.to(tl.int64) * 2 * T + c16[None, :] * T + offs_n[:, None],
+                      mask=(c16[None, :] < 2) & nmask[:, None], other=0.0)
+        ones_t = tl.where((c16[:, None] + tl.zeros([16, BLOCK_M], dtype=tl.int32)) < 2, 1.0, 0.0).to(LK2.dtype.element_ty)
 
     hi = T
     kdoc = offs_n  # placeholder when HAS_DOC is False
@@ -136,19 +150,19 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, DOC, LAST, DO, LSE, DELTA, DK, DV, DLK,
         row = (b64 * H + h) * T
         lse_ptr = LSE + row
         delta_ptr = DELTA + row
-        dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
+        dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
                                   qdoc_ptr, sqt, n0, diag_end, T, W, qk_scale,
                                   3, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
-        dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
+        dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
                                   qdoc_ptr, sqt, diag_end, near_end, T, W, qk_scale,
                                   0, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
         if HAS_DMS:
-            dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
+            dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                       delta_ptr, qdoc_ptr, sqt, near_end, far_start, T, W, qk_scale,
                                       2, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
-            dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
+            dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                       delta_ptr, qdoc_ptr, sqt, far_start, hi, T, W, qk_scale,
-                                      1, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
+                                      FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=nmask[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=nmask[:, None])
     tl.store(DLK + bhk.to(tl.int64) * T + offs_n, dlk, mask=nmask)
@@ -309,7 +323,7 @@ def dms_attention_bwd(do, q, k, v, lk, o, lse, window, docs, scale, has_dms=True
     dv = _empty(v.shape, v.dtype, v.device)
     dlk = _empty((B, hkv, T), torch.float32, q.device)
     c1, c2 = bwd_config(D, q.dtype)
-    launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dms, c1)
+    launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dms, c1, lk2)
     launch_dq(q, k, v, lk, do, lse, delta, dq, W, docs, scale, has_dms, c2, lk2)
     return dq, dk, dv, dlk
 
@@ -319,17 +333,27 @@ def _common(q, k, docs, has_dms):
                 IN_PREC=_in_prec(q.dtype))
 
 
-def launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dms, cfg):
-    """dK, dV, d log_keep launch (separate so the benchmark sweep can time it alone)."""
+def dkdv_bias_mma_enabled() -> bool:
+    """FAR tiles of the dK/dV kernel add log_keep through the tensor cores too (``DMS_ATTN_DKDV_BIAS_MMA=1``,
+    with ``DMS_ATTN_BIAS_MMA`` on); off by default until timed on a GPU (``bench_train_attention.py --sweep``
+    times it beside the elementwise add)."""
+    return bias_mma_enabled() and os.environ.get("DMS_ATTN_DKDV_BIAS_MMA", "0") == "1"
+
+
+def launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dms, cfg, lk2=None):
+    """dK, dV, d log_keep launch (separate so the benchmark sweep can time it alone); lk2 as in :func:`launch_dq`."""
     B, H, T, D = q.shape
     assert cfg["BLOCK_N"] % cfg["BLOCK_M"] == 0
+    bias_mma = has_dms and dkdv_bias_mma_enabled()
+    if bias_mma and lk2 is None:
+        lk2 = split_log_keep(lk, scale, q.dtype)
     doc, first, last = docs if docs is not None else (lse, lse, lse)
     _dms_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * k.shape[1])](
-        q, k, v, lk, doc, last, do, lse, delta, dk, dv, dlk,
+        q, k, v, lk, lk2 if bias_mma else q, doc, last, do, lse, delta, dk, dv, dlk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         H, T, W, scale * LOG2E, scale,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_common(q, k, docs, has_dms))
+        FAR_MODE=4 if bias_mma else 1, **_common(q, k, docs, has_dms))
 
 
 def launch_dq(q, k, v, lk, do, lse, delta, dq, W, docs, scale, has_dms, cfg, lk2=None):

@@ -161,11 +161,16 @@ def test_other_block_shapes(cfg):
     _compare(1, 2, 1, 150, 16, 20, 3, torch.float32, seed=11)
 
 
-@pytest.mark.parametrize("bias_mma", ["0", "1"])
-def test_far_tile_bias_paths(bias_mma, monkeypatch):
-    """FAR tiles add log_keep through a K=16 matmul (default) or elementwise (DMS_ATTN_BIAS_MMA=0)."""
+@pytest.mark.parametrize("bias_mma,dkdv_mma", [("0", "0"), ("1", "0"), ("1", "1")])
+def test_far_tile_bias_paths(bias_mma, dkdv_mma, monkeypatch):
+    """FAR tiles add log_keep through a K=16 matmul (default) or elementwise (DMS_ATTN_BIAS_MMA=0); the dK/dV
+    kernel's FAR tiles do it by a matmul only with DMS_ATTN_DKDV_BIAS_MMA=1 (off by default, untimed)."""
     monkeypatch.setenv("DMS_ATTN_BIAS_MMA", bias_mma)
+    monkeypatch.setenv("DMS_ATTN_DKDV_BIAS_MMA", dkdv_mma)
+    assert triton_bwd.dkdv_bias_mma_enabled() == (bias_mma == dkdv_mma == "1")
     _compare(1, 4, 2, 100, 16, 7, 2, torch.float16, seed=31)
+    if dkdv_mma == "1":  # several key blocks, GQA 4, log_keep with -inf entries and documents, fp32 products
+        _compare(1, 8, 2, 131, 16, 5, 3, torch.float32, seed=37)
 
 
 def test_all_evicted_no_nan():
