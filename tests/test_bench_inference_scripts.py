@@ -30,6 +30,7 @@ def test_bench_decode_smoke_all_sections(tmp_path):
         assert _pos(s[k]), k
     sections = {r["section"] for r in res["rows"]}
     assert sections == {"kernel", "e2e_step", "fixed_memory", "prefill"}
+    assert all(_pos(r["skew2_ms"]) and _pos(r["skew2_bw_fraction"]) for r in res["rows"] if r["section"] == "kernel")
     pre = [r for r in res["rows"] if r["section"] == "prefill"][0]
     assert _pos(pre["sdpa_dense_ms"]) and pre["memory_cr"] > 2  # calibrated retention evicts
 
