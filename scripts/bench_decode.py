@@ -416,7 +416,8 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                     if profile_at == (name, ctx, B):
                         from dms.decode_fusion import fused_decode_ops
 
-                        with fused_decode_ops(model, dev.type == "cuda"):
+                        # the graphed step's defaults: fused elementwise ops and projections on CUDA
+                        with fused_decode_ops(model, dev.type == "cuda", gemm=dev.type == "cuda"):
                             profile_call(lambda: model(ids, past_key_values=cache, use_cache=True), rows,
                                          dict(what="decode step (fused ops)", context=ctx, batch=B, graphed_ms=ms))
                     res[(name + "_live", ctx, B)] = st["bytes_live"]
