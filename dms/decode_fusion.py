@@ -157,7 +157,7 @@ def fused_decode_ops(model, enabled: bool = True, gemm: bool = False):
     ``gemm``: also the decode-size projections (at most 16 rows): q/k/v in one launch and gate/up with the SiLU
     gate in one launch (``dms_kernels.fused_ops.grouped_linear`` / ``gate_up_silu``), instead of cuBLAS's
     separate (often split-K) products. Off here by default; graphed decode steps turn it on (H100, Llama-3-8B
-    shapes, 32K / batch 8: 8.60 vs 9.14 ms per CR-8 step; ``scripts/bench_decode.py --compare-gemm`` times both).
+    shapes, 32K / batch 8: 8.51 vs 9.16 ms per CR-8 step; ``scripts/bench_decode.py --compare-gemm`` times both).
     Needs CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU (tests). Nested use is a no-op.
     """
     if not enabled or getattr(model, "_dms_fused", False):

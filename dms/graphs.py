@@ -45,7 +45,7 @@ class GraphedDecodeStep:
             default: when capturing CUDA graphs. ``fuse_gemm``: with ``fuse``, also the grouped q/k/v and
             gate/up projection kernels of batches of at most 16 rows (:func:`dms.decode_fusion.fused_decode_ops`);
             default: when ``fuse`` is on and CUDA graphs are captured (measured on the H100 at 32K / batch 8,
-            docs/benchmarks.md "Session 5": 8.60 vs 9.14 ms per CR-8 step).
+            docs/benchmarks.md "Session 5": 8.51 vs 9.16 ms per CR-8 step).
 
     The returned logits of a replay live in a buffer that the next step overwrites; clone to keep them.
     Call :meth:`close` (or use it as a context manager) before other cache operations (another prompt

@@ -120,7 +120,8 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
     if FAR_MODE == 4:
         lkr = tl.load(LK2 + bhk.to(tl.int64) * 2 * T + c16[None, :] * T + offs_n[:, None],
                       mask=(c16[None, :] < 2) & nmask[:, None], other=0.0)
-        ones_t = tl.where((c16[:, None] + tl.zeros([16, BLOCK_M], dtype=tl.int32)) < 2, 1.0, 0.0).to(LK2.dtype.element_ty)
+        rows16 = c16[:, None] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
+        ones_t = tl.where(rows16 < 2, 1.0, 0.0).to(LK2.dtype.element_ty)
 
     hi = T
     kdoc = offs_n  # placeholder when HAS_DOC is False
@@ -150,11 +151,11 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
         row = (b64 * H + h) * T
         lse_ptr = LSE + row
         delta_ptr = DELTA + row
-        dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                                  qdoc_ptr, sqt, n0, diag_end, T, W, qk_scale,
+        dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
+                                  delta_ptr, qdoc_ptr, sqt, n0, diag_end, T, W, qk_scale,
                                   3, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
-        dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                                  qdoc_ptr, sqt, diag_end, near_end, T, W, qk_scale,
+        dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
+                                  delta_ptr, qdoc_ptr, sqt, diag_end, near_end, T, W, qk_scale,
                                   0, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
         if HAS_DMS:
             dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,

@@ -5,21 +5,12 @@ padding queries (q_pos -1, which see nothing: zeros and -inf). Outputs are poiso
 Tolerances (max-abs on o ~ N(0, 1/S), and on lse): fp32 2e-5, fp16 4e-3, bf16 2e-2 (inputs rounded once,
 P rounded before the P.V product on CUDA; the interpreter upcasts bf16).
 """
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-
-_MOD = "dms_kernels.decode_attention.triton_chunk"
-if _MOD in sys.modules and not CUDA:
-    importlib.reload(sys.modules[_MOD])
+pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 on CPU first
 from dms_kernels.decode_attention import triton_chunk as tc  # noqa: E402
 from dms_kernels.decode_attention.reference import masked_attention_lse  # noqa: E402
 

@@ -9,21 +9,12 @@ Tolerances, max-abs error against the fp32 reference on the same (upcast) inputs
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorations below
-pytest.importorskip("triton")
-
-_MOD = "dms_kernels.decode_attention.triton_decode"
-if _MOD in sys.modules and not CUDA:
-    importlib.reload(sys.modules[_MOD])
+pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 on CPU first
 from dms_kernels.decode_attention import triton_decode as td  # noqa: E402
 from dms_kernels.decode_attention.reference import (  # noqa: E402
     gather_stream,

@@ -7,21 +7,12 @@ with NaN first. Tolerances: fp32 1e-5 (reduction order only); bf16/fp16 RMSNorm 
 rope and silu_mul one unit (the compiler may fuse a product and a sum into one FMA, and CUDA's exp differs
 from Triton's in the last bit). Under the CPU interpreter bf16 gets 4 units (it truncates fp32 -> bf16).
 """
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-
-_MOD = "dms_kernels.fused_ops.triton_ops"
-if _MOD in sys.modules and not CUDA:
-    importlib.reload(sys.modules[_MOD])
+pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 on CPU first
 from dms_kernels.fused_ops import reference as ref  # noqa: E402
 from dms_kernels.fused_ops import triton_ops as fo  # noqa: E402
 

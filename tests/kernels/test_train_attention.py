@@ -13,23 +13,15 @@ unwritten element fails; no tensor may hold NaN.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorations below
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 on CPU first
 
 import dms_kernels.train_attention as ta  # noqa: E402
 
-for _name in ("dms_kernels.train_attention.triton_fwd", "dms_kernels.train_attention.triton_bwd"):
-    if _name in sys.modules and not CUDA:  # imported earlier without the interpreter: redo the decorations
-        importlib.reload(sys.modules[_name])
 from dms_kernels.train_attention import triton_bwd, triton_fwd  # noqa: E402
 from dms_kernels.train_attention.reference import dms_attention_reference, hard_log_keep  # noqa: E402
 
