@@ -18,6 +18,10 @@ head. Layout and decode-step rules: ``dms_kernels/decode_attention/reference.py`
   (``dms_kernels.train_attention.dms_attention_hard`` on CUDA, its fp32 reference elsewhere), merged by
   log-sum-exp; then the streams are repacked into pages (survivors only). Memory with the Triton kernels:
   O(chunk + held) per layer; with the CPU references O(chunk^2 + 256 * held) (score tensors).
+  The repack needs the survivor counts on the host (pool size): a prompt's repack of layer ``i`` is
+  deferred until layer ``i + 1`` has queued its attention (or until anything reads layer ``i``), so that
+  the host waits for counts the device produced a layer ago and the device queue never runs dry behind
+  that one sync per layer.
 - Batch ops (beam reorder, repeat_interleave, select) repack the pool, which also shrinks it after
   sequences finish. Padding columns (attention_mask == 0) are never cached.
 
@@ -102,6 +106,8 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         self.grow_events = 0
         self._static_max_len = None  # set between begin_static / end_static (CUDA-graph decoding)
         self._ones = None  # [B] all-True valid flags of decode steps without padding (kept between steps)
+        self._pending = None  # a chunk's repack (kwargs of _pack) not yet run: see flush()
+        self.defer_pack = False  # set by PagedDMSCache: the last chunk of a call leaves its repack pending
 
     # --- transformers Cache protocol -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states, window: int = 0):
@@ -138,7 +144,17 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         self._free_known = self.capacity  # called right after _alloc_pool: every page is free
         self._steps = 0
 
+    def flush(self):
+        """Run the pending repack, if any (a prompt's last chunk leaves it pending when ``defer_pack`` is set).
+
+        Every reader of the layer's state calls this first, so a pending repack is never observable.
+        """
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._pack(**pending)
+
     def reset(self):
+        self._pending = None
         for name in ("k_pool", "v_pool", "pos_pool", "block_table", "seq_len", "held", "now", "ring_slot",
                      "ring_ev", "free_stack", "free_top", "seen_s"):
             setattr(self, name, None)
@@ -154,11 +170,13 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
 
     def held_tokens(self) -> torch.Tensor:
         """``[B, Hkv]`` tokens held (visible to the next query), as the reference cache counts them."""
+        self.flush()
         return self.held.view(self.B, self.Hkv).long()
 
     # --- dense view and repacking ----------------------------------------------------------------
     def _dense(self):
         """Held tokens as padded tensors ``keys/values [B, Hkv, S, D]``, ``pos [B, Hkv, S]`` (-1 empty), ``evict``."""
+        self.flush()
         # S from the host's length bound (exact after a pack): no read of seq_len.max() on the host
         keys, values, pos = gather_stream(self.k_pool, self.v_pool, self.pos_pool, self.block_table, self.seq_len,
                                           S=self._len_bound)
@@ -340,6 +358,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         """
         if not self.is_initialized:
             raise ValueError("begin_static needs a cache that has seen a prompt (run the prefill first)")
+        self.flush()
         if steps < 1:
             raise ValueError(f"steps must be >= 1; got {steps}")
         PS, N = self.page_size, self.N
@@ -388,6 +407,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         Returns:
             ``[B, H, Tn, D]`` (zeros for padding queries).
         """
+        self.flush()
         if not self.is_initialized:
             self.lazy_initialization(key, value, window)
         elif int(window) != self.window:
@@ -400,22 +420,23 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
             return self._decode(query, key, value, logits, valid, scaling)
         if self._static_max_len is not None:
             raise RuntimeError("a multi-token chunk reached a cache in static (graph) decoding; call end_static first")
-        outs, peak = [], None
+        outs, peak, held = [], None, None
         # The Triton kernels need O(chunk) memory, so one chunk per call by default there (the model's own
         # activations for the call exist anyway); the fp32 references build chunk x (chunk + held) scores.
         chunk = self.prefill_chunk or (Tn if self.backend == "triton" else DEFAULT_TORCH_CHUNK)
         for s in range(0, Tn, chunk):
             e = s + chunk
-            o, now_total = self._chunk(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], logits[:, s:e],
-                                       None if valid is None else valid[:, s:e], scaling)
+            o, now_total, held = self._chunk(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], logits[:, s:e],
+                                             None if valid is None else valid[:, s:e], scaling,
+                                             defer=self.defer_pack and e >= Tn)
             outs.append(o)
             peak = now_total if peak is None else torch.maximum(peak, now_total)
         # One history entry per call (as the reference); the peak is the real one, per chunk.
-        self._record(peak)
+        self._record(peak, held)
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
-    def _record(self, now_total):
-        self.held_history.append(self.held.sum())
+    def _record(self, now_total, held_total=None):
+        self.held_history.append(self.held.sum() if held_total is None else held_total)
         self._peak = now_total if self._peak is None else torch.maximum(self._peak, now_total)
 
     def _decode(self, query, key, value, logits, valid, scaling):
@@ -455,9 +476,10 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
             self._record(self.now.sum())
         return out[:, :, None]
 
-    def _chunk(self, query, key, value, logits, valid, scaling):
+    def _chunk(self, query, key, value, logits, valid, scaling, defer: bool = False):
         """One prefill / multi-turn chunk. ``valid`` None means no padding (dms_attention_forward passes None
-        when the whole batch is unpadded, checked once per forward).
+        when the whole batch is unpadded, checked once per forward). ``defer``: leave the repack pending
+        (:meth:`flush`). Returns the output, tokens present before pruning and tokens held after (device scalars).
 
         Order of work: the new stream state and its survivor counts come first, so that the counts travel to
         the host (for the pool size) while the chunk's attention kernels run; then attention; then the pack.
@@ -529,19 +551,26 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         if padded:
             out = out.masked_fill(~valid[:, None, :, None], 0.0)
         out = out.to(query.dtype)
-        # State: the real new keys appended, pruned at the next position, the pool repacked.
-        self._pack(keys_all, vals_all, pos_all, ev_all, keep=keep, counts=counts, counts_host=counts_host)
-        return out, now_total
+        # State: the real new keys appended, pruned at the next position, the pool repacked (now or at flush()).
+        pending = dict(keys=keys_all, values=vals_all, pos=pos_all, ev=ev_all, keep=keep, counts=counts,
+                       counts_host=counts_host)
+        if defer:
+            self._pending = pending
+        else:
+            self._pack(**pending)
+        return out, now_total, counts.sum()
 
     # --- memory --------------------------------------------------------------------------------------
     def bytes_per_token(self) -> int:
         return self.k_pool.element_size() * (self.D + self.DV)
 
     def pages_in_use(self) -> int:
+        self.flush()
         return self.capacity - int(self.free_top[0])
 
     def check_allocator(self):
         """Internal invariants (tests): every page is either free exactly once or owned by exactly one block."""
+        self.flush()
         PS = self.page_size
         free = self.free_stack[: int(self.free_top[0])].long().tolist()
         nblk = ((self.seq_len.long() + PS - 1) // PS).tolist()
@@ -583,6 +612,9 @@ class PagedDMSCache(Cache):
             backend = "triton" if (dev is not None and dev.type == "cuda") else "torch"
         self.backend = backend
         super().__init__(layers=[PagedDMSCacheLayer(page_size, backend, prefill_chunk) for _ in range(num_layers)])
+        for layer in self.layers:
+            layer.defer_pack = True
+        self._deferred: list[int] = []  # layers whose prompt repack is pending (at most the previous one)
 
     # batch operations change the layout: leave static (graph) decoding first (dms/graphs.py)
     def reorder_cache(self, beam_idx):
@@ -607,7 +639,24 @@ class PagedDMSCache(Cache):
         if self.backend == "triton" and query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"PagedDMSCache(backend='triton') needs CUDA tensors; got {query.device}. "
                              "Use backend='torch' (or 'auto') on CPU")
-        return self.layers[layer_idx].attend(query, key, value, logits, valid, window, scaling)
+        layer = self.layers[layer_idx]
+        out = layer.attend(query, key, value, logits, valid, window, scaling)
+        # Earlier layers' repacks wait for their survivor counts on the host: run them now that this layer's
+        # attention is queued behind them (module docstring); this layer's own repack waits for the next one.
+        self.flush(keep=layer_idx)
+        if layer._pending is not None:
+            self._deferred.append(layer_idx)
+        return out
+
+    def flush(self, keep: int | None = None):
+        """Run every pending repack (except layer ``keep``'s); readers of the whole cache call this."""
+        left = []
+        for i in self._deferred:
+            if i == keep:
+                left.append(i)
+            else:
+                self.layers[i].flush()
+        self._deferred = left
 
     def shrink(self):
         """Repack every layer's pool to its live pages (plus headroom); returns bytes allocated after."""
@@ -626,6 +675,7 @@ class PagedDMSCache(Cache):
         from .graphs import close_graph_step
 
         close_graph_step(self)  # static decoding keeps no per-step history: end it so the peak is complete
+        self.flush()
         layers = [l for l in self.layers if l.is_initialized]
         if not layers:
             return {"tokens_seen": 0, "tokens_held": 0, "memory_cr": 1.0}

@@ -230,3 +230,41 @@ def test_factory_and_errors(make_tiny_model, randomize):
         PagedDMSCache(model, page_size=24)
     with pytest.raises(ValueError, match="backend"):
         PagedDMSCache(model, backend="cuda")
+
+
+def test_prompt_repack_deferred_by_one_layer(make_tiny_model, randomize):
+    """A prompt's repack of layer i runs when layer i + 1 has queued its attention; the last layer's stays
+    pending until something reads it. Outputs, generations and stats equal those of immediate repacks."""
+    model = _model(make_tiny_model, randomize, 2, kv=2)
+    assert len(model.model.layers) >= 2
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (2, 23), device=DEV)
+    lazy, eager = _cache(model), _cache(model)
+    for layer in eager.layers:
+        layer.defer_pack = False
+    with torch.no_grad():
+        a = model(ids, past_key_values=lazy).logits
+        b = model(ids, past_key_values=eager).logits
+    assert torch.equal(a, b)
+    last = len(lazy.layers) - 1
+    assert [l._pending is not None for l in lazy.layers] == [i == last for i in range(last + 1)]
+    assert lazy._deferred == [last]
+    assert all(l._pending is None for l in eager.layers) and eager._deferred == []
+    # the pending layer answers readers as if it had repacked at once
+    assert torch.equal(lazy.layers[last].held_tokens(), eager.layers[last].held_tokens())
+    assert lazy.layers[last]._pending is None
+    for x, y in zip(lazy.layers, eager.layers):
+        for name in ("seq_len", "held", "now", "block_table", "ring_slot", "ring_ev", "pos_pool"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+    # a second prompt (multi-turn) and decoding continue identically; stats flush every layer
+    more = torch.randint(3, 97, (2, 6), device=DEV)
+    ga = _generate(model, torch.cat([ids, more], 1), torch.ones(2, 29, dtype=torch.long, device=DEV), lazy, new=6)
+    gb = _generate(model, torch.cat([ids, more], 1), torch.ones(2, 29, dtype=torch.long, device=DEV), eager, new=6)
+    assert torch.equal(ga.sequences, gb.sequences)
+    torch.testing.assert_close(torch.stack(ga.logits, 1), torch.stack(gb.logits, 1), atol=0, rtol=0)
+    sa, sb = lazy.stats(), eager.stats()
+    assert lazy._deferred == [] and all(l._pending is None for l in lazy.layers)
+    for k in ("tokens_held", "memory_cr_per_head", "held_per_call", "peak_tokens_held", "bytes_allocated"):
+        assert sa[k] == sb[k], k
+    for layer in lazy.layers:
+        layer.check_allocator()
