@@ -11,7 +11,9 @@ together cost about as much as reading the layer's weights at batch 8 (docs/benc
 - the gated MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` with SiLU -> ``silu_mul``;
 - :class:`dms.heads.AdapterRetentionHead` -> ``retention_head``;
 - with ``gemm=True`` (batches of at most 16 rows; :class:`dms.graphs.GraphedDecodeStep` turns it on with CUDA
-  graphs): q/k/v projections in one launch, gate/up with the SiLU gate in one launch.
+  graphs): q/k/v projections in one launch, gate/up with the SiLU gate in one launch, and the decoder layer's two
+  residual adds in the epilogues of o_proj and down_proj (``linear_residual``; ``DMS_DECODE_RESIDUAL=0`` keeps
+  them as separate adds).
 
 The kernels round where transformers rounds, so bf16 results match the unfused ops (up to the RMSNorm
 reduction order). The swap is per instance (``module.forward``) and per modeling module (the rope
@@ -107,6 +109,60 @@ def _qkv_forwards(attn):
     return q_forward, kv_forward(k, "k"), kv_forward(v, "v")
 
 
+def _is_decoder_layer(m) -> bool:
+    return (_family(m) is not None and type(m).__name__.endswith("DecoderLayer") and _gemm_fusable_attention(
+        getattr(m, "self_attn", None)) and _is_gated_mlp(getattr(m, "mlp", None))
+        and all(hasattr(m, n) for n in ("input_layernorm", "post_attention_layernorm")))
+
+
+def residual_epilogue_enabled() -> bool:
+    """Decoder layers' residual adds in the o_proj / down_proj epilogues (gemm mode); DMS_DECODE_RESIDUAL=0: off."""
+    return os.environ.get("DMS_DECODE_RESIDUAL", "1") != "0"
+
+
+def _layer_forwards(layer):
+    """(decoder layer forward, o_proj forward, down_proj forward) with the residual adds in the projections.
+
+    The layer runs transformers' own sequence (norm, attention, norm, MLP) but hands each residual to the
+    projection that ends the block, which returns ``residual + proj(x)`` (:func:`linear_residual`). Any call
+    with more than ``SKINNY_MAX_ROWS`` rows or positional extras goes to the class's own forward; a
+    projection that was not reached with its residual (another code path) leaves the add to the layer.
+    """
+    from dms_kernels.fused_ops import linear_residual
+    from dms_kernels.fused_ops.triton_ops import SKINNY_MAX_ROWS
+
+    own = type(layer).forward
+    pending: dict = {}
+    o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+
+    def proj_forward(mod):
+        def forward(x):
+            res = pending.pop("res", None)
+            if res is not None and x.shape[:-1].numel() <= SKINNY_MAX_ROWS:
+                return linear_residual(x, mod.weight, res, mod.bias)
+            if res is not None:
+                pending["res"] = res  # not ours to add
+            return torch.nn.functional.linear(x, mod.weight, mod.bias)
+        return forward
+
+    def layer_forward(hidden_states, *args, **kwargs):
+        if args or hidden_states.shape[:-1].numel() > SKINNY_MAX_ROWS:
+            return own(layer, hidden_states, *args, **kwargs)
+        residual = hidden_states
+        pending["res"] = residual
+        h, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+        if pending.pop("res", None) is not None:  # o_proj did not take it
+            h = residual + h
+        residual = h
+        pending["res"] = residual
+        out = layer.mlp(layer.post_attention_layernorm(h))
+        if pending.pop("res", None) is not None:
+            out = residual + out
+        return out
+
+    return layer_forward, proj_forward(o_proj), proj_forward(down_proj)
+
+
 def _gemm_fusable_attention(m) -> bool:
     lin = [getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj")]
     return (_is_attention(m) and all(isinstance(x, nn.Linear) for x in lin)
@@ -166,6 +222,11 @@ def fused_decode_ops(model, enabled: bool = True, gemm: bool = False):
     patched: list[nn.Module] = []
     rope_saved: dict[str, object] = {}
     try:
+        if gemm and residual_epilogue_enabled():
+            for m in model.modules():
+                if _is_decoder_layer(m):
+                    m.forward, m.self_attn.o_proj.forward, m.mlp.down_proj.forward = _layer_forwards(m)
+                    patched.extend([m, m.self_attn.o_proj, m.mlp.down_proj])
         for m in model.modules():
             if _is_rms_norm(m):
                 m.forward = _rms_forward(m)

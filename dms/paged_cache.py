@@ -526,7 +526,9 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
             else:
                 o_a, lse_a = masked_attention_lse(query, keys_o, vals_o, new_pos, pos_o, ev_o, W, scaling)
         # Chunk-internal attention: real columns moved to the front (stable), so that column distance is
-        # position distance for any padding layout; padding becomes its own document (-1).
+        # position distance for any padding layout. Padding columns then come after every real one, so the
+        # causal mask alone keeps them from real queries (no document ids: the hard kernel's gathered path,
+        # no host syncs); what padding queries compute is zeroed below.
         if not padded:  # no padding (the common prompt): no reordering copies
             evc = new_evict.transpose(1, 2).contiguous()
             o_b, lse_b = _hard_chunk_attention(query, key, value, evc, W, None, scaling, triton)
@@ -537,8 +539,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
             kc = torch.gather(key, 2, order[:, None, :, None].expand(B, Hkv, Tn, key.shape[-1]))
             vc = torch.gather(value, 2, order[:, None, :, None].expand(B, Hkv, Tn, value.shape[-1]))
             evc = torch.gather(new_evict, 1, order[..., None].expand(B, Tn, Hkv)).transpose(1, 2).contiguous()
-            doc = torch.where(torch.gather(valid, 1, order), 0, -1).to(torch.int32)
-            o_b, lse_b = _hard_chunk_attention(qc, kc, vc, evc, W, doc, scaling, triton)
+            o_b, lse_b = _hard_chunk_attention(qc, kc, vc, evc, W, None, scaling, triton)
             o_b = torch.gather(o_b, 2, inv[:, None, :, None].expand(B, H, Tn, o_b.shape[-1]))
             lse_b = torch.gather(lse_b, 2, inv[:, None, :].expand(B, H, Tn))
         if S > 0:

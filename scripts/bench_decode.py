@@ -65,10 +65,17 @@ def parse_args(argv=None):
     p.add_argument("--sections", default="kernel,e2e,prefill", help="comma list of kernel, e2e, prefill")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter check of the script)")
     p.add_argument("--tile-flags", action="store_true",
-                   help="prefill rows also timed with DMS_ATTN_TILE_FLAGS=1 (all-kept far tiles skip the bias product)")
+                   help="prefill rows also timed with DMS_ATTN_TILE_FLAGS=1 and DMS_ATTN_GATHER=0 (bias-product far "
+                        "tiles; all-kept ones skip the product)")
+    p.add_argument("--compare-far", action="store_true",
+                   help="prefill rows also timed with DMS_ATTN_GATHER=0: far key tiles add the hard mask as a bias "
+                        "product instead of running over the gathered kept keys (the default)")
     p.add_argument("--compare-gemm", action="store_true",
                    help="at 32K / batch 8 also time both engines without the grouped q/k/v and gate/up kernels "
                         "(dms.decode_fusion gemm=False: cuBLAS projections) beside the default step, which has them")
+    p.add_argument("--compare-residual", action="store_true",
+                   help="at 32K / batch 8 also time both engines with DMS_DECODE_RESIDUAL=0 (the decoder layer's residual "
+                        "adds as separate kernels instead of in the o_proj / down_proj epilogues) beside the default")
     p.add_argument("--profile", action="store_true",
                    help="e2e: one extra eager CR-8 step at the longest context, batch 8, under torch.profiler; prefill: "
                         "one extra run at the shortest context; device time per kernel name goes into 'profile' "
@@ -408,6 +415,12 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                         print(f"  {name} 32K/B8 graphed step with cuBLAS projections: "
                               f"{res[(name + '_nogemm', ctx, B)]:.2f} ms (default, grouped kernels: {ms:.2f} ms)",
                               flush=True)
+                    if args.compare_residual and ctx == max(args.ctxs) and B == 8 and args.cuda_graphs == "on":
+                        with mock.patch.dict(os.environ, {"DMS_DECODE_RESIDUAL": "0"}):
+                            res[(name + "_nores", ctx, B)] = time_paged_step(args, model, cache, ids, ctx, timer)
+                        print(f"  {name} 32K/B8 graphed step with separate residual adds: "
+                              f"{res[(name + '_nores', ctx, B)]:.2f} ms (default, adds in the projections: {ms:.2f} ms)",
+                              flush=True)
                     if name == "cr8" and ctx == max(args.ctxs) and B == 8 and args.cuda_graphs == "on":
                         # side by side: the same step without the fused elementwise kernels
                         res[("cr8_unfused", ctx, B)] = time_paged_step(args, model, cache, ids, ctx, timer, fuse=False)
@@ -434,6 +447,7 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
             row = dict(section="e2e_step", layers=L, context=ctx, batch=B, cr8_ms=c, dense_same_engine_ms=d,
                        cr8_unfused_ms=res.get(("cr8_unfused", ctx, B)),
                        cr8_nogemm_ms=res.get(("cr8_nogemm", ctx, B)), dense_nogemm_ms=res.get(("dense_nogemm", ctx, B)),
+                       cr8_nores_ms=res.get(("cr8_nores", ctx, B)), dense_nores_ms=res.get(("dense_nores", ctx, B)),
                        transformers_sdpa_ms=hf, fixed_ms=F, floor_ms=floor_ms,
                        speedup_vs_dense=(d / c) if (c and d) else None,
                        speedup_vs_transformers=(hf / c) if (c and hf) else None,
@@ -567,14 +581,16 @@ def _bench_prefill(args, model, dev, timer, rows):
         keep = (ctx / args.cr - args.window) / (ctx - args.window)
         res = {}
         calibrate_retention(model, 1 - keep, dev)
-        names = ("cr8", "dense") + (("cr8_flags", "dense_flags") if args.tile_flags else ())
+        names = (("cr8", "dense") + (("cr8_flags", "dense_flags") if args.tile_flags else ())
+                 + (("cr8_bias", "dense_bias") if args.compare_far else ()))
         for name in names:
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
             holder = {}
 
             def run():
                 holder["c"] = PagedDMSCache(model, page_size=args.page_size)
-                flags = {"DMS_ATTN_TILE_FLAGS": "1"} if name.endswith("_flags") else {}
+                flags = ({"DMS_ATTN_TILE_FLAGS": "1", "DMS_ATTN_GATHER": "0"} if name.endswith("_flags")
+                         else {"DMS_ATTN_GATHER": "0"} if name.endswith("_bias") else {})
                 with torch.no_grad(), (eviction_off(model) if name.startswith("dense") else contextlib.nullcontext()), \
                         mock.patch.dict(os.environ, flags):
                     model(ids, past_key_values=holder["c"], use_cache=True, logits_to_keep=1)
@@ -608,6 +624,12 @@ def _bench_prefill(args, model, dev, timer, rows):
                        cr8_ratio_vs_dense_flags=res["cr8_flags"]["ms"] / sdpa_ms)
             print(f"  with DMS_ATTN_TILE_FLAGS=1: nothing evicted {row['no_evict_flags_ms']:.1f} ms (ratio "
                   f"{row['ratio_vs_dense_flags']:.3f}), CR 8 {row['cr8_flags_ms']:.1f} ms", flush=True)
+        if args.compare_far:
+            row.update(no_evict_bias_ms=res["dense_bias"]["ms"], cr8_bias_ms=res["cr8_bias"]["ms"],
+                       ratio_vs_dense_bias=res["dense_bias"]["ms"] / sdpa_ms,
+                       cr8_ratio_vs_dense_bias=res["cr8_bias"]["ms"] / sdpa_ms)
+            print(f"  with DMS_ATTN_GATHER=0 (bias-product far tiles): nothing evicted {row['no_evict_bias_ms']:.1f} ms "
+                  f"(ratio {row['ratio_vs_dense_bias']:.3f}), CR 8 {row['cr8_bias_ms']:.1f} ms", flush=True)
         rows.append(row)
         out[ctx] = row
         print(f"prefill ctx={ctx}: DMS nothing evicted {row['no_evict_ms']:.1f} ms, CR 8 {row['cr8_ms']:.1f} ms, "
@@ -728,6 +750,8 @@ def _main(argv=None) -> int:
         decode_step_vs_floor_32k_b8=e2e.get("vs_floor"),
         decode_step_unfused_over_fused_32k_b8=(e2e["cr8_unfused_ms"] / e2e["cr8_ms"])
         if e2e.get("cr8_unfused_ms") and e2e.get("cr8_ms") else None,
+        decode_step_speedup_32k_b8_separate_residual_adds=(e2e["dense_nores_ms"] / e2e["cr8_nores_ms"])
+        if e2e.get("dense_nores_ms") and e2e.get("cr8_nores_ms") else None,
         decode_step_speedup_32k_b8_cublas_projections=(e2e["dense_nogemm_ms"] / e2e["cr8_nogemm_ms"])
         if e2e.get("dense_nogemm_ms") and e2e.get("cr8_nogemm_ms") else None,
         decode_step_vs_floor_32k_b8_cublas_projections=(e2e["cr8_nogemm_ms"] / e2e["floor_ms"])

@@ -12,7 +12,9 @@ transformers computation (including where it rounds to the model dtype):
   ``Linear(RMSNorm(x32))`` in fp32 (5 kernels);
 - ``grouped_linear(x, weights, biases)`` / ``gate_up_silu(x, w_gate, w_up, ...)``: decode-size projections (at
   most 16 rows) of one input against up to three weights in one launch, and the MLP's gate/up products with
-  ``silu(gate) * up`` in their epilogue.
+  ``silu(gate) * up`` in their epilogue;
+- ``linear_residual(x, weight, residual)``: ``residual + F.linear(x, weight)`` at decode size (the residual adds
+  of a decoder layer in the epilogues of o_proj and down_proj).
 
 ``reference.py`` holds the PyTorch forms (the transformers code paths), ``triton_ops.py`` the kernels.
 ``dms.decode_fusion`` swaps them into a model for graphed decoding.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from .reference import (
     gate_up_silu_reference,
     grouped_linear_reference,
+    linear_residual_reference,
     retention_head_reference,
     rms_norm_reference,
     rope_reference,
@@ -29,11 +32,12 @@ from .reference import (
 )
 
 __all__ = ["gate_up_silu", "gate_up_silu_reference", "grouped_linear", "grouped_linear_reference",
+           "linear_residual", "linear_residual_reference",
            "retention_head", "retention_head_reference", "rms_norm", "rms_norm_reference", "rope",
            "rope_reference", "silu_mul", "silu_mul_reference"]
 
 
-_TRITON_OPS = ("gate_up_silu", "grouped_linear", "retention_head", "rms_norm", "rope", "silu_mul")
+_TRITON_OPS = ("gate_up_silu", "grouped_linear", "linear_residual", "retention_head", "rms_norm", "rope", "silu_mul")
 
 
 def __getattr__(name):

@@ -44,3 +44,8 @@ def grouped_linear_reference(x, weights, biases=None):
 def gate_up_silu_reference(x, w_gate, w_up, b_gate=None, b_up=None):
     """The gated MLP's ``silu(gate_proj(x)) * up_proj(x)`` (before down_proj)."""
     return F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)
+
+
+def linear_residual_reference(x, weight, residual, bias=None):
+    """A decoder layer's ``residual + o_proj(x)`` / ``residual + down_proj(x)``."""
+    return residual + F.linear(x, weight, bias)

@@ -266,9 +266,9 @@ def _linear_tile(x_ptr, w_ptr, M, K, sxm, n0, N, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _grouped_linear_kernel(X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, M, K, N0, N1, N2, P0, P1, sxm,
+def _grouped_linear_kernel(X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, RES, M, K, N0, N1, N2, P0, P1, sxm, srm,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+                           BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr, HAS_RES: tl.constexpr = False):
     # Programs [0, P0) compute Y0 = X W0^T, [P0, P0 + P1) Y1, the rest Y2 (up to three weights, one launch).
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
@@ -283,6 +283,10 @@ def _grouped_linear_kernel(X, W0, W1, W2, B0, B1, B2, Y0, Y1, Y2, M, K, N0, N1, 
     nm = rn < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        # residual + linear(x), each rounded where transformers rounds (the product, then the sum); one weight only
+        r = tl.load(RES + rm[:, None] * srm + rn[None, :], mask=(rm < M)[:, None] & nm[None, :], other=0.0)
+        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + r.to(tl.float32)
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & nm[None, :])
 
 
@@ -350,10 +354,37 @@ def grouped_linear(x, weights, biases=None):
     bn, bk, nw, st, prec = _skinny_cfg(x2, sum(Ns))
     P = [triton.cdiv(n, bn) for n in Ns]
     if M:
-        _grouped_linear_kernel[(sum(P),)](x2, *ws, *bs, *ys_full, M, K, max(Ns[0], 1), max(Ns[1], 1), max(Ns[2], 1),
-                                          P[0], P[1], x2.stride(0), HAS_BIAS=has_bias, BLOCK_M=SKINNY_MAX_ROWS,
+        _grouped_linear_kernel[(sum(P),)](x2, *ws, *bs, *ys_full, x2, M, K, max(Ns[0], 1), max(Ns[1], 1), max(Ns[2], 1),
+                                          P[0], P[1], x2.stride(0), 0, HAS_BIAS=has_bias, BLOCK_M=SKINNY_MAX_ROWS,
                                           BLOCK_N=bn, BLOCK_K=bk, IN_PREC=prec, num_warps=nw, num_stages=st)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+def linear_residual(x, weight, residual, bias=None):
+    """``residual + F.linear(x, weight, bias)`` in one launch (x: at most ``SKINNY_MAX_ROWS`` rows; the product is
+    rounded to x.dtype before the sum, as transformers' ``residual + o_proj(...)``). ``residual [..., N]``."""
+    x2, K = _rows(x)
+    N = weight.shape[0]
+    if weight.shape != (N, K) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(f"weight must be contiguous [N, {K}] in {x.dtype}; got {tuple(weight.shape)} {weight.dtype}")
+    if residual.shape[-1] != N or residual.shape[:-1].numel() != x2.shape[0] or residual.dtype != x.dtype:
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not fit rows {x2.shape[0]} x {N} "
+                         f"in {x.dtype}")
+    r2 = residual.reshape(-1, N)
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    M = x2.shape[0]
+    y = _new((M, N), x.dtype, x.device)
+    bn, bk, nw, st, prec = _skinny_cfg(x2, N)
+    has_bias = bias is not None
+    if M:
+        _grouped_linear_kernel[(triton.cdiv(N, bn),)](x2, weight, weight, weight, bias if has_bias else weight,
+                                                      weight, weight, y, y, y, r2, M, K, N, 1, 1,
+                                                      triton.cdiv(N, bn), 0, x2.stride(0), r2.stride(0),
+                                                      HAS_BIAS=has_bias, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=bn,
+                                                      BLOCK_K=bk, IN_PREC=prec, HAS_RES=True, num_warps=nw,
+                                                      num_stages=st)
+    return y.view(*residual.shape[:-1], N)
 
 
 def gate_up_silu(x, w_gate, w_up, b_gate=None, b_up=None):

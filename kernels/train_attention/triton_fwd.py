@@ -11,6 +11,12 @@ do per-element mask work (``q``/``k`` below are positions, ``W`` the window):
 * NEAR   (every ``q - k <= W``, all keys before the first query): plain causal-free tile;
 * DIAG   (tiles on the diagonal): causal mask (+ window mask) and the ``k < T`` bound.
 
+Hard masks (``log_keep`` in {0, -inf}: prefill, teacher-forced evaluation) without documents take a
+*gathered* FAR region instead (:func:`gather_kept`): the kept keys, compacted in position order into a
+copy of K/V, are the only keys a FAR tile can see, so FAR tiles become plain tiles over that copy (mode
+``GATHERED``; only the last, partial one masks its columns) with no bias at all, and evicted keys cost
+nothing there. The MIXED / NEAR / DIAG tiles read the original keys as above.
+
 Tiles before the first key that shares a document with any query of the block are skipped (for
 contiguous documents that is every cross-document tile); the document mask is applied elementwise
 only when document ids are given. With ``HAS_DMS=False`` the same tiling runs as plain causal flash
@@ -37,8 +43,9 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# Mode ids of the key/query tiles (see the module docstring).
-NEAR, FAR, MIXED, DIAG = 0, 1, 2, 3
+# Mode ids of the key/query tiles (see the module docstring); 4 is FAR with the bias as a matmul, 5 the last
+# (partial) tile of a gathered FAR region.
+NEAR, FAR, MIXED, DIAG, FAR_MMA, GATHERED_TAIL = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
@@ -46,10 +53,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
                start, end, T, W, qk_scale, flag_ptr,
                MODE: tl.constexpr, HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr,
                BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr, HAS_FLAGS: tl.constexpr = False):
-    # MODE 4 is FAR with log_keep added by the tensor cores; modes 1-3 add it elementwise.
+    # MODE 4 is FAR with log_keep added by the tensor cores; modes 1-3 add it elementwise; MODE 5 is the
+    # last tile of a gathered FAR region (columns >= T masked: there T is the number of gathered keys).
     offs_n0 = tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
-    if HAS_DMS and MODE % 4 != 0:
+    if HAS_DMS and (MODE == 1 or MODE == 2 or MODE == 3):
         lk_next = tl.load(lk_ptr + start + offs_n0, mask=(start + offs_n0) < T, other=0.0)
     # Scores stay in raw q.k units until the exp: log_keep is pre-divided by the scale, so that
     # scale, log2(e) and the row max fold into one FMA per element (as without the DMS term).
@@ -57,13 +65,13 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
         kmask = offs_n < T
-        if HAS_DMS and MODE % 4 != 0:
+        if HAS_DMS and (MODE == 1 or MODE == 2 or MODE == 3):
             # Software prefetch of the next tile's log_keep (measured: no gain, 7.16 vs 7.25 ms).
             lk = lk_next * lk_mul
             nxt = offs_n + BLOCK_N
             lk_next = tl.load(lk_ptr + nxt, mask=nxt < T, other=0.0)
-        # K loaded transposed [D, BLOCK_N]; only diagonal tiles can run past T.
-        if MODE == 3:
+        # K loaded transposed [D, BLOCK_N]; only diagonal (and gathered tail) tiles can run past T.
+        if MODE == 3 or MODE == 5:
             kt = tl.load(k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
         else:
             kt = tl.load(k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None])
@@ -81,7 +89,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
             else:
                 lkt = tl.load(lk2_ptr + r16[:, None] * T + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
                 s = tl.dot(ones, lkt, s, input_precision=IN_PREC)
-        if HAS_DMS and MODE % 4 != 0:
+        if HAS_DMS and (MODE == 1 or MODE == 2 or MODE == 3):
             if MODE == 1:
                 s = s + lk[None, :]
             else:
@@ -89,6 +97,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
                 s = tl.where(far, s + lk[None, :], s)
         if MODE == 3:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        if MODE == 5:
+            s = tl.where(kmask[None, :], s, float("-inf"))
         if HAS_DOC:
             kdoc = tl.load(kdoc_ptr + offs_n, mask=kmask, other=-1)
             s = tl.where(qdoc[:, None] == kdoc[None, :], s, float("-inf"))
@@ -98,7 +108,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MODE == 3:
+        if MODE == 3 or MODE == 5:
             v = tl.load(v_ptr + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kmask[:, None], other=0.0)
         else:
             v = tl.load(v_ptr + offs_n[:, None] * stride_kt + offs_d[None, :])
@@ -108,12 +118,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
 
 
 @triton.jit(do_not_specialize=["T", "W"])
-def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS,
+def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS, KC, VC, CUM,
                     sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
                     H, T, W, qk_scale,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr,
-                    FAR_MODE: tl.constexpr, HAS_FLAGS: tl.constexpr = False):
+                    FAR_MODE: tl.constexpr, HAS_FLAGS: tl.constexpr = False, GATHERED: tl.constexpr = False):
     # Longest rows first: causal programs near the end of the sequence do the most tiles.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -153,9 +163,23 @@ def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS,
         f_end = tl.minimum(tl.maximum(f_end, lo), m0)
         x_end = ((tl.maximum(m0 + BLOCK_M - 1 - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
         x_end = tl.minimum(tl.maximum(x_end, f_end), m0)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                                   lo, f_end, T, W, qk_scale, flag_ptr, FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC,
-                                   HAS_FLAGS)
+        if GATHERED:
+            # FAR: the kept keys before f_end, compacted (contiguous [B, Hkv, T, D] copies): plain tiles
+            sl = (b64 * (H // GROUP) + hk) * T
+            kc_ptr = KC + sl * HEAD_DIM
+            vc_ptr = VC + sl * HEAD_DIM
+            n_far = tl.load(CUM + (b64 * (H // GROUP) + hk) * (T + 1) + f_end)
+            n_full = (n_far // BLOCK_N) * BLOCK_N
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m,
+                                       offs_d, HEAD_DIM, 0, n_full, T, W, qk_scale, flag_ptr, 0, HAS_DMS, HAS_DOC,
+                                       BLOCK_N, IN_PREC)
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m,
+                                       offs_d, HEAD_DIM, n_full, n_far, n_far, W, qk_scale, flag_ptr, 5, HAS_DMS,
+                                       HAS_DOC, BLOCK_N, IN_PREC)
+        else:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m,
+                                       offs_d, skt, lo, f_end, T, W, qk_scale, flag_ptr, FAR_MODE, HAS_DMS, HAS_DOC,
+                                       BLOCK_N, IN_PREC, HAS_FLAGS)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
                                    f_end, x_end, T, W, qk_scale, flag_ptr, 2, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
     else:
@@ -185,11 +209,13 @@ def _env_cfg(name):
 FWD_CONFIG_OVERRIDE: dict | None = None
 
 
-def fwd_config(D: int, dtype: torch.dtype) -> dict:
-    """Block sizes for the forward kernel (BLOCK_M queries x BLOCK_N keys; BLOCK_M % BLOCK_N == 0)."""
+def fwd_config(D: int, dtype: torch.dtype, gathered: bool = False) -> dict:
+    """Block sizes for the forward kernel (BLOCK_M queries x BLOCK_N keys; BLOCK_M % BLOCK_N == 0).
+
+    ``gathered``: the hard-mask form with a gathered FAR region (no bias operand in shared memory)."""
     if FWD_CONFIG_OVERRIDE is not None:
         return dict(FWD_CONFIG_OVERRIDE)
-    env = _env_cfg("DMS_ATTN_FWD_CFG")
+    env = _env_cfg("DMS_ATTN_FWD_CFG_HARD" if gathered else "DMS_ATTN_FWD_CFG")
     if env is not None:
         return env
     if _INTERPRET:
@@ -202,6 +228,10 @@ def fwd_config(D: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if D <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if gathered:
+        # no log_keep operand: the no-mask kernel's best tiles (H100 sweep, L=8192: 128x64/8/3 4.61 ms vs
+        # 128x128/8/2 4.94 ms without the DMS term)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     # H100, L=8192, B=4, H=32, Hkv=8, bf16, window 256 (bench --pick-fwd), forward ms with / without the
     # DMS term: 128x128, 8 warps, 2 stages 5.47 / 4.94; 128x64/8/3 7.07 / 4.76; 64x64/4/3 10.07 / 5.03.
     # 128x128 with 3 stages needs 237 KB of shared memory once log_keep is a matmul operand (limit 227 KB).
@@ -257,6 +287,33 @@ def hard_tile_flags(lk: torch.Tensor, block_n: int) -> torch.Tensor:
     return ev.view(B, hkv, nb, block_n).amax(-1).contiguous()
 
 
+def gathered_far_enabled() -> bool:
+    """Hard masks without documents use the gathered FAR region (module docstring); ``DMS_ATTN_GATHER=0``
+    turns it off (the bias-product path then serves hard masks too)."""
+    return os.environ.get("DMS_ATTN_GATHER", "1") != "0"
+
+
+def gather_kept(k, v, lk):
+    """Kept keys of a hard mask, compacted: ``(kc, vc, cum)``.
+
+    ``kc/vc [B, Hkv, T, D]`` (contiguous) hold each stream's keys with ``lk == 0`` in position order at the
+    front (the rest is filler that the kernel never reads unmasked); ``cum [B, Hkv, T + 1]`` int32 counts the
+    kept keys before each position, so the kept keys before ``t`` are ``kc[..., :cum[t], :]``. No host sync.
+    """
+    B, hkv, T = lk.shape
+    keep = lk == 0
+    cum = torch.zeros(B, hkv, T + 1, dtype=torch.int32, device=lk.device)
+    torch.cumsum(keep, -1, dtype=torch.int32, out=cum[..., 1:])
+    # src[r] = position of the r-th kept key (a scatter by rank; dropped keys go to a dump column T)
+    src = torch.zeros(B, hkv, T + 1, dtype=torch.long, device=lk.device)
+    pos = torch.arange(T, device=lk.device).expand(B, hkv, T)
+    src.scatter_(2, torch.where(keep, cum[..., :-1].long(), T), pos)
+    idx = src[..., :T, None]
+    kc = torch.gather(k, 2, idx.expand(B, hkv, T, k.shape[-1]))
+    vc = torch.gather(v, 2, idx.expand(B, hkv, T, v.shape[-1]))
+    return kc, vc, cum
+
+
 def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, out_like_q=False, hard=False):
     """Launch the forward kernel.
 
@@ -265,7 +322,9 @@ def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, 
     :func:`split_log_keep` of lk (computed here when needed). q/k/v may be strided views (unit last
     stride, k and v with equal strides); ``out_like_q`` allocates o with q's strides (a q that is a
     transposed ``[B, T, H, D]`` projection then gives an o that reshapes to ``[B, T, H * D]`` for free).
-    ``hard``: lk holds only 0 / -inf (with :func:`hard_tile_flags_enabled`, all-kept tiles skip the bias).
+    ``hard``: lk holds only 0 / -inf: without documents the FAR tiles run over the gathered kept keys
+    (:func:`gather_kept`, :func:`gathered_far_enabled`); otherwise with :func:`hard_tile_flags_enabled`
+    all-kept tiles skip the bias.
     Returns ``o [B, H, T, D]`` (q.dtype) and ``lse [B, H, T]`` fp32 (natural log).
     """
     B, H, T, D = q.shape
@@ -279,22 +338,24 @@ def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, 
     else:
         o = _empty((B, H, T, D), q.dtype, q.device)
     lse = _empty((B, H, T), torch.float32, q.device)
-    cfg = fwd_config(D, q.dtype)
+    gathered = has_dms and hard and docs is None and gathered_far_enabled()
+    cfg = fwd_config(D, q.dtype, gathered=gathered)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     assert bm % bn == 0
     doc, first = (docs[0], docs[1]) if docs is not None else (lse, lse)
-    bias_mma = has_dms and bias_mma_enabled()
+    bias_mma = has_dms and bias_mma_enabled() and not gathered
     if bias_mma and lk2 is None:
         lk2 = split_log_keep(lk, scale, q.dtype)
     flags = hard_tile_flags(lk, bn) if (hard and bias_mma and hard_tile_flags_enabled()) else None
+    kc, vc, cum = gather_kept(k, v, lk) if gathered else (lse, lse, lse)
     grid = (triton.cdiv(T, bm), B * H)
     _dms_fwd_kernel[grid](
-        q, k, v, lk, lk2 if bias_mma else lk, doc, first, o, lse, flags if flags is not None else lse,
+        q, k, v, lk, lk2 if bias_mma else lk, doc, first, o, lse, flags if flags is not None else lse, kc, vc, cum,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, T, W, scale * LOG2E,
         GROUP=H // hkv, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
         HAS_DMS=has_dms, HAS_DOC=docs is not None, IN_PREC=_in_prec(q.dtype), FAR_MODE=4 if bias_mma else 1,
-        HAS_FLAGS=flags is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_FLAGS=flags is not None, GATHERED=gathered, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse

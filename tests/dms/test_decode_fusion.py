@@ -82,11 +82,12 @@ def test_fused_step_equals_unfused(make_tiny_model, randomize, family, monkeypat
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases
 def test_fused_gemm_step_equals_unfused(make_tiny_model, randomize, family, monkeypatch):
-    """fuse_gemm: q/k/v in one launch and gate/up/SiLU in one launch (decode rows), same logits."""
+    """fuse_gemm: q/k/v in one launch, gate/up/SiLU in one launch and the residual adds in the o_proj / down_proj
+    epilogues (decode rows), same logits; DMS_DECODE_RESIDUAL=0 keeps the adds separate, same logits too."""
     import dms_kernels.fused_ops as fo
 
     calls = {}
-    for name in ("grouped_linear", "gate_up_silu", "silu_mul"):
+    for name in ("grouped_linear", "gate_up_silu", "silu_mul", "linear_residual"):
         def counted(*a, _f=getattr(fo, name), _n=name, **k):
             calls[_n] = calls.get(_n, 0) + 1
             return _f(*a, **k)
@@ -101,19 +102,32 @@ def test_fused_gemm_step_equals_unfused(make_tiny_model, randomize, family, monk
             c = PagedDMSCache(model, page_size=16, backend="torch")
             lg = model(ids, past_key_values=c, use_cache=True).logits[:, -1]
             caches.append(c)
+    c3 = PagedDMSCache(model, page_size=16, backend="torch")
+    with torch.no_grad():
+        model(ids, past_key_values=c3, use_cache=True)
     fused = GraphedDecodeStep(model, caches[0], horizon=3, cuda_graph=False, fuse=True, fuse_gemm=True)
     plain = GraphedDecodeStep(model, caches[1], horizon=3, cuda_graph=False, fuse=False)
+    monkeypatch.setenv("DMS_DECODE_RESIDUAL", "0")
+    no_res = GraphedDecodeStep(model, c3, horizon=3, cuda_graph=False, fuse=True, fuse_gemm=True)
+    monkeypatch.delenv("DMS_DECODE_RESIDUAL")
     assert fused.fuse_gemm and not plain.fuse_gemm
     tok = lg.argmax(-1)[:, None]
     for i in range(4):
         calls.clear()
         a = fused(tok, torch.full_like(tok, 7 + i)).clone()
-        assert calls == {"grouped_linear": L, "gate_up_silu": L}
+        assert calls == {"grouped_linear": L, "gate_up_silu": L, "linear_residual": 2 * L}
         b = plain(tok, torch.full_like(tok, 7 + i)).clone()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        monkeypatch.setenv("DMS_DECODE_RESIDUAL", "0")
+        calls.clear()
+        c = no_res(tok, torch.full_like(tok, 7 + i)).clone()
+        monkeypatch.delenv("DMS_DECODE_RESIDUAL")
+        assert calls == {"grouped_linear": L, "gate_up_silu": L}
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
         tok = a.argmax(-1)[:, None]
     fused.close()
     plain.close()
+    no_res.close()
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 

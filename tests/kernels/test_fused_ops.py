@@ -149,6 +149,23 @@ def test_gate_up_silu(dtype, rows, K, N, bias):
     torch.testing.assert_close(y.float(), r.float(), **_skinny_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
+@pytest.mark.parametrize("rows,K,N,bias", [(1, 64, 48, False), (5, 200, 100, True), (16, 72, 130, False)])
+def test_linear_residual(dtype, rows, K, N, bias):
+    """residual + linear(x): the product rounded to the dtype first, then the sum (transformers' order)."""
+    g = torch.Generator().manual_seed(7 * rows + K + N)
+    x = torch.randn(rows, 1, K, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(DEV)
+    b = torch.randn(N, generator=g).to(dtype).to(DEV) if bias else None
+    res = (4 * torch.randn(rows, 1, N, generator=g)).to(dtype).to(DEV)
+    y = fo.linear_residual(x, w, res, b)
+    r = ref.linear_residual_reference(x, w, res, b)
+    assert y.shape == r.shape == res.shape and not torch.isnan(y).any()
+    torch.testing.assert_close(y.float(), r.float(), **_skinny_tol(dtype))
+    with pytest.raises(ValueError, match="residual"):
+        fo.linear_residual(x, w, res[..., :-1], b)
+
+
 def test_skinny_kernels_reject_bad_input():
     x = torch.randn(17, 32, device=DEV)
     w = torch.randn(16, 32, device=DEV)

@@ -214,9 +214,51 @@ def test_hard_mask_forward_reads_transposed_projections():
     _check("lse", lse, lse2, torch.float32)
 
 
+# (B, H, Hkv, T, D, window, p_evict): odd sizes, GQA 1/4/8, windows 0 / 16 / >= T, nothing / most evicted
+HARD_CASES = [(1, 4, 4, 1, 16, 0, 0.5), (2, 8, 2, 63, 16, 0, 0.3), (1, 8, 1, 100, 32, 16, 0.9),
+              (2, 4, 2, 77, 16, 5, 0.0), (1, 4, 1, 45, 16, 64, 0.5), (1, 4, 2, 130, 16, 3, 1.0)]
+GPU_HARD_CASES = [(1, 32, 8, 1000, 128, 256, 0.6), (2, 8, 8, 500, 64, 16, 0.1), (1, 16, 2, 2049, 128, 100, 0.875)]
+
+
+# bf16 on the GPU only: the CPU interpreter's bf16 tl.dot is wrong (decode_attention/triton_decode.py)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
+@pytest.mark.parametrize("case", HARD_CASES + (GPU_HARD_CASES if CUDA else []), ids=lambda c: "-".join(map(str, c)))
+def test_hard_mask_gathered_far_region(case, dtype, monkeypatch):
+    """Hard masks without documents: FAR tiles run over the compacted kept keys (gather_kept); equal to the
+    reference and to the bias-product path (DMS_ATTN_GATHER=0)."""
+    B, H, hkv, T, D, W, p = case
+    q, k, v, _, gen = _inputs(B, H, hkv, T, D, dtype, seed=31 + T)
+    evict = torch.rand(B, hkv, T, generator=gen).to(DEV) < p
+    q, k, v = (x.detach() for x in (q, k, v))
+    ref_o, ref_lse = dms_attention_reference(q.float(), k.float(), v.float(), hard_log_keep(evict), W)
+    calls = []
+    real = triton_fwd.gather_kept
+    monkeypatch.setattr(triton_fwd, "gather_kept", lambda *a: calls.append(1) or real(*a))
+    o, lse = ta.dms_attention_hard(q, k, v, evict, W)
+    assert calls, "the gathered path was not taken"
+    _check("o", o, ref_o, dtype)
+    _check("lse", lse, ref_lse, dtype)
+    monkeypatch.setenv("DMS_ATTN_GATHER", "0")
+    o2, lse2 = ta.dms_attention_hard(q, k, v, evict, W)
+    assert len(calls) == 1
+    _check("o (bias path)", o2, ref_o, dtype)
+    torch.testing.assert_close(lse, lse2, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+
+
+def test_gather_kept_layout():
+    lk = torch.zeros(1, 2, 6, device=DEV)
+    lk[0, 0, [1, 4]] = float("-inf")
+    lk[0, 1, :] = float("-inf")
+    k = torch.arange(12, dtype=torch.float32, device=DEV).view(1, 2, 6, 1).expand(1, 2, 6, 16).contiguous()
+    kc, vc, cum = triton_fwd.gather_kept(k, k * 2, lk)
+    assert cum.tolist() == [[[0, 1, 1, 2, 3, 3, 4], [0] * 7]]
+    assert kc[0, 0, :4, 0].tolist() == [0.0, 2.0, 3.0, 5.0] and torch.equal(vc[0, 0, :4], 2 * kc[0, 0, :4])
+
+
 def test_hard_mask_tile_flags(monkeypatch):
     """DMS_ATTN_TILE_FLAGS=1: far key tiles without an evicted key skip the bias product; same result."""
     monkeypatch.setenv("DMS_ATTN_TILE_FLAGS", "1")
+    monkeypatch.setenv("DMS_ATTN_GATHER", "0")  # flags belong to the bias-product path
     q, k, v, _, gen = _inputs(1, 4, 2, 150, 16, torch.float32, seed=23)
     evict = torch.zeros(1, 2, 150, dtype=torch.bool, device=DEV)
     evict[:, 0, 40:60] = True  # head 0: evictions in a few tiles only; head 1: one key
