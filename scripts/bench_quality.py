@@ -57,6 +57,8 @@ def parse_args(argv=None):
                    help="instead of one --window: each main run's window is this share of its budget, "
                         "w = round(share * ppl_len / CR) (0.5: half of the tokens held are the recent window); "
                         "the ablations use the largest CR's window")
+    p.add_argument("--window-share-at", nargs="*", default=[], metavar="CR=SHARE",
+                   help="a different --window-share for one CR's main run, e.g. 2=0.75 (repeatable as a list)")
     p.add_argument("--cr-definition", default="memory", choices=("memory", "decision"),
                    help="what 'CR c' means for DMS runs: memory CR c at --ppl-len tokens (default) or decision CR c")
     p.add_argument("--steps", type=int, default=300, help="retrofit steps per run")
@@ -110,6 +112,18 @@ def parse_args(argv=None):
     args.quest_page_sizes = list(dict.fromkeys(args.quest_page_sizes))
     if args.window_share is not None and not 0 < args.window_share < 1:
         p.error(f"--window-share must be in (0, 1) (the window's share of the tokens held); got {args.window_share}")
+    shares = {}
+    for item in args.window_share_at:
+        try:
+            cr, share = (float(x) for x in item.split("="))
+        except ValueError:
+            p.error(f"--window-share-at takes CR=SHARE items such as 2=0.75; got {item!r}")
+        if cr not in args.crs or not 0 < share < 1:
+            p.error(f"--window-share-at {item!r}: the CR must be one of --crs {args.crs} and the share in (0, 1)")
+        shares[cr] = share
+    if shares and args.window_share is None:
+        p.error("--window-share-at needs --window-share (the share of the other CRs)")
+    args.window_share_at = shares
     if args.smoke:
         apply_smoke(args)
     if args.ppl_len is None:
@@ -174,7 +188,8 @@ def main_window(args, cr: float) -> int:
     """The DMS window of the main run at ``cr``: ``--window``, or ``--window-share`` of that run's budget."""
     if args.window_share is None:
         return args.window
-    return max(1, int(round(args.window_share * args.ppl_len / cr)))
+    share = args.window_share_at.get(float(cr), args.window_share)
+    return max(1, int(round(share * args.ppl_len / cr)))
 
 
 def main(argv=None) -> int:
@@ -392,7 +407,9 @@ def main(argv=None) -> int:
                "retrofit": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
                             "window": args.window if args.window_share is None else
                             {f"{c:g}": main_window(args, c) for c in args.crs},
-                            "window_share": args.window_share, "attention": args.attention, "dtype": args.retrofit_dtype,
+                            "window_share": args.window_share,
+                            "window_share_at": {f"{c:g}": v for c, v in args.window_share_at.items()},
+                            "attention": args.attention, "dtype": args.retrofit_dtype,
                             "cr_definition": args.cr_definition, "eval_context": args.ppl_len,
                             "eval_attention": args.eval_attention, "runs": runs_meta},
                "timings_s": timings,

@@ -79,6 +79,18 @@ def test_window_share_gives_each_cr_its_own_window():
     for bad in ("0", "1", "1.5"):
         with pytest.raises(SystemExit):
             bq.parse_args(["--window-share", bad])
+    # one CR may take its own share
+    args = bq.parse_args(["--crs", "2", "4", "8", "--window-share", "0.5", "--window-share-at", "2=0.75",
+                          "--seq-len", "4096"])
+    by = {s.name: s for s in bq.run_specs(args)}
+    assert [by[f"dms-cr{c}"].window for c in (2, 4, 8)] == [1536, 512, 256]
+    for bad in (["--window-share-at", "3=0.5"], ["--window-share-at", "2=1.2"], ["--window-share-at", "2:0.5"],
+                ["--window-share-at", "2=0.75", "--window-share", None]):
+        argv = ["--crs", "2", "4", "8", "--window-share", "0.5"] + [x for x in bad if x is not None]
+        if None in bad:
+            argv = ["--crs", "2", "4", "8", "--window-share-at", "2=0.75"]
+        with pytest.raises(SystemExit):
+            bq.parse_args(argv)
 
 
 def test_retrofit_config_trains_for_the_decision_target(tmp_path):
