@@ -229,9 +229,10 @@ def fwd_config(D: int, dtype: torch.dtype, gathered: bool = False) -> dict:
     if D <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if gathered:
-        # no log_keep operand: the no-mask kernel's best tiles (H100 sweep, L=8192: 128x64/8/3 4.61 ms vs
-        # 128x128/8/2 4.94 ms without the DMS term)
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        # no log_keep operand in shared memory, so 128x128 tiles fit 3 stages. H100, 4-layer Llama-3-8B-shape
+        # prefill of 32K tokens, nothing evicted (bench_decode --sections prefill, DMS_ATTN_FWD_CFG_HARD):
+        # 128x128/8/3 196.2 ms, 128x64/8/4 196.7, 128x64/8/3 198.9, 128x64/4/3 220.1 (SDPA: 180 ms).
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
     # H100, L=8192, B=4, H=32, Hkv=8, bf16, window 256 (bench --pick-fwd), forward ms with / without the
     # DMS term: 128x128, 8 warps, 2 stages 5.47 / 4.94; 128x64/8/3 7.07 / 4.76; 64x64/4/3 10.07 / 5.03.
     # 128x128 with 3 stages needs 237 KB of shared memory once log_keep is a matmul operand (limit 227 KB).
