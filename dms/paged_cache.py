@@ -105,7 +105,7 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         self._peak = None
         self.grow_events = 0
         self._static_max_len = None  # set between begin_static / end_static (CUDA-graph decoding)
-        self._ones = None  # [B] all-True valid flags of decode steps without padding (kept between steps)
+        self._ones = None  # [B] int8 all-valid flags of decode steps without padding (kept between steps)
         self._pending = None  # a chunk's repack (kwargs of _pack) not yet run: see flush()
         self.defer_pack = False  # set by PagedDMSCache: the last chunk of a call leaves its repack pending
 
@@ -454,10 +454,10 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
             max_len = self._len_bound
         if valid is None:
             if self._ones is None or self._ones.shape[0] != B:
-                self._ones = torch.ones(B, dtype=torch.bool, device=self.device)  # kept: no fill kernel per step
+                self._ones = torch.ones(B, dtype=torch.int8, device=self.device)  # kept: no fill kernel per step
             v1 = self._ones
         else:
-            v1 = valid[:, 0]
+            v1 = valid[:, 0].to(torch.int8)  # the kernels' flag type: converted once, not once per kernel
         args = (key[:, :, 0], value[:, :, 0], logits[:, 0].float(), v1, self.seen_s, self.k_pool, self.v_pool,
                 self.pos_pool, self.block_table, self.seq_len, self.held, self.now, self.ring_slot, self.ring_ev,
                 self.free_stack, self.free_top, self.window)
