@@ -73,6 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--compare-gemm", action="store_true",
                    help="at 32K / batch 8 also time both engines without the grouped q/k/v and gate/up kernels "
                         "(dms.decode_fusion gemm=False: cuBLAS projections) beside the default step, which has them")
+    p.add_argument("--compare-kernel", action="store_true",
+                   help="kernel rows and the 32K / batch 8 steps also with the other decode-attention kernel (split / flat "
+                        "grid, DMS_DECODE_KERNEL) beside the default one")
+    p.add_argument("--flat-programs", type=int, nargs="*", default=[],
+                   help="kernel rows: also time the flat kernel with these grid sizes (programs per SM), e.g. 1 3")
     p.add_argument("--compare-residual", action="store_true",
                    help="at 32K / batch 8 also time both engines with DMS_DECODE_RESIDUAL=0 (the decoder layer's residual "
                         "adds as separate kernels instead of in the o_proj / down_proj epilogues) beside the default")
@@ -176,6 +181,7 @@ def bench_kernel(args, dev, timer, copy_bw, rows):
     H, Hkv, D = (32, 8, 128) if not args.smoke else (8, 2, 64)
     PS = args.page_size
     gen = torch.Generator().manual_seed(0)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
     out = {}
     for ctx in args.ctxs:
         for B in args.bs:
@@ -192,6 +198,12 @@ def bench_kernel(args, dev, timer, copy_bw, rows):
                 ms = timer.graph_ms(fn, reps=10 if not args.smoke else 1)
                 live = int(lens.sum()) * D * 2 * 2
                 res[name] = dict(ms=ms, live_bytes=live, bw=live / (ms * 1e-3))
+                variants = ([("alt", dict(kernel=other_kernel()))] if args.compare_kernel else []) + [
+                    (f"flat{k}", dict(kernel="flat", flat_programs=k * sms)) for k in args.flat_programs]
+                for tag, kw in variants:
+                    fn = lambda: paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, max_len=max_len, **kw)  # noqa: E731
+                    ms_v = timer.graph_ms(fn, reps=10 if not args.smoke else 1)
+                    res[f"{name}_{tag}"] = dict(ms=ms_v, bw=live / (ms_v * 1e-3))
                 del k, v, pos
             row = dict(section="kernel", context=ctx, batch=B,
                        dense_ms=res["dense"]["ms"], cr8_ms=res["cr8"]["ms"],
@@ -199,14 +211,37 @@ def bench_kernel(args, dev, timer, copy_bw, rows):
                        skew2_ms=res["skew2"]["ms"], skew2_bw_fraction=res["skew2"]["bw"] / copy_bw,
                        cr8_time_vs_ideal=res["cr8"]["ms"] / (res["cr8"]["live_bytes"] / copy_bw * 1e3),
                        speedup=res["dense"]["ms"] / res["cr8"]["ms"],
-                       cr8_live_fraction=res["cr8"]["live_bytes"] / res["dense"]["live_bytes"])
+                       cr8_live_fraction=res["cr8"]["live_bytes"] / res["dense"]["live_bytes"],
+                       kernel=default_kernel())
+            for key, val in res.items():
+                if "_" in key:  # variants: {dense,cr8,skew2}_{alt,flatK}
+                    row[f"{key}_ms"] = val["ms"]
+                    row[f"{key}_bw_fraction"] = val["bw"] / copy_bw
+            if args.compare_kernel:
+                row["alt_kernel"] = other_kernel()
+                row["cr8_alt_time_vs_ideal"] = res["cr8_alt"]["ms"] / (res["cr8"]["live_bytes"] / copy_bw * 1e3)
             rows.append(row)
             out[(ctx, B)] = row
             print(f"kernel ctx={ctx:6d} B={B:3d} dense {row['dense_ms']:.3f} ms ({row['dense_bw_fraction']:.2f} bw) "
                   f"cr8 {row['cr8_ms']:.3f} ms ({row['cr8_bw_fraction']:.2f} bw, {row['cr8_time_vs_ideal']:.2f}x ideal) "
                   f"speedup {row['speedup']:.2f}x; skewed around ctx/2 {row['skew2_ms']:.3f} ms "
                   f"({row['skew2_bw_fraction']:.2f} bw)", flush=True)
+            for key in [k for k in res if "_" in k and k.startswith("dense_")]:
+                tag = key[len("dense_"):]
+                print(f"  {tag if tag != 'alt' else other_kernel()} kernel: dense {row[f'dense_{tag}_bw_fraction']:.2f} bw, "
+                      f"cr8 {row[f'cr8_{tag}_ms']:.3f} ms ({row[f'cr8_{tag}_bw_fraction']:.2f} bw), "
+                      f"skew2 {row[f'skew2_{tag}_bw_fraction']:.2f} bw", flush=True)
     return out
+
+
+def default_kernel():
+    from dms_kernels.decode_attention.triton_decode import default_kernel as _d
+
+    return _d()
+
+
+def other_kernel():
+    return "flat" if default_kernel() == "split" else "split"
 
 
 def sweep_kernel(args, dev, timer, copy_bw, rows):
@@ -415,6 +450,12 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                         print(f"  {name} 32K/B8 graphed step with cuBLAS projections: "
                               f"{res[(name + '_nogemm', ctx, B)]:.2f} ms (default, grouped kernels: {ms:.2f} ms)",
                               flush=True)
+                    if args.compare_kernel and ctx == max(args.ctxs) and B == 8 and args.cuda_graphs == "on":
+                        with mock.patch.dict(os.environ, {"DMS_DECODE_KERNEL": other_kernel()}):
+                            res[(name + "_altkernel", ctx, B)] = time_paged_step(args, model, cache, ids, ctx, timer)
+                        print(f"  {name} 32K/B8 graphed step with the {other_kernel()} decode kernel: "
+                              f"{res[(name + '_altkernel', ctx, B)]:.2f} ms (default, {default_kernel()}: {ms:.2f} ms)",
+                              flush=True)
                     if args.compare_residual and ctx == max(args.ctxs) and B == 8 and args.cuda_graphs == "on":
                         with mock.patch.dict(os.environ, {"DMS_DECODE_RESIDUAL": "0"}):
                             res[(name + "_nores", ctx, B)] = time_paged_step(args, model, cache, ids, ctx, timer)
@@ -448,6 +489,8 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                        cr8_unfused_ms=res.get(("cr8_unfused", ctx, B)),
                        cr8_nogemm_ms=res.get(("cr8_nogemm", ctx, B)), dense_nogemm_ms=res.get(("dense_nogemm", ctx, B)),
                        cr8_nores_ms=res.get(("cr8_nores", ctx, B)), dense_nores_ms=res.get(("dense_nores", ctx, B)),
+                       cr8_altkernel_ms=res.get(("cr8_altkernel", ctx, B)),
+                       dense_altkernel_ms=res.get(("dense_altkernel", ctx, B)), kernel=default_kernel(),
                        transformers_sdpa_ms=hf, fixed_ms=F, floor_ms=floor_ms,
                        speedup_vs_dense=(d / c) if (c and d) else None,
                        speedup_vs_transformers=(hf / c) if (c and hf) else None,
@@ -750,6 +793,13 @@ def _main(argv=None) -> int:
         decode_step_vs_floor_32k_b8=e2e.get("vs_floor"),
         decode_step_unfused_over_fused_32k_b8=(e2e["cr8_unfused_ms"] / e2e["cr8_ms"])
         if e2e.get("cr8_unfused_ms") and e2e.get("cr8_ms") else None,
+        decode_kernel=default_kernel(),
+        decode_step_speedup_32k_b8_alt_kernel=(e2e["dense_altkernel_ms"] / e2e["cr8_altkernel_ms"])
+        if e2e.get("dense_altkernel_ms") and e2e.get("cr8_altkernel_ms") else None,
+        decode_bw_fraction_skewed_alt_kernel=min((r["skew2_alt_bw_fraction"] for r in kb if r["batch"] >= 8
+                                                  and r["context"] >= 8192 and "skew2_alt_bw_fraction" in r),
+                                                 default=None),
+        ragged_cr8_time_vs_ideal_alt_kernel=k32.get("cr8_alt_time_vs_ideal"),
         decode_step_speedup_32k_b8_separate_residual_adds=(e2e["dense_nores_ms"] / e2e["cr8_nores_ms"])
         if e2e.get("dense_nores_ms") and e2e.get("cr8_nores_ms") else None,
         decode_step_speedup_32k_b8_cublas_projections=(e2e["dense_nogemm_ms"] / e2e["cr8_nogemm_ms"])

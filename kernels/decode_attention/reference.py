@@ -132,12 +132,12 @@ def paged_decode_attention_reference(q, k_pool, v_pool, pos_pool, block_table, s
     S = keys.shape[1]
     kf = keys.float().view(B, Hkv, 1, S, D)
     # holes and slots past the end may hold stale bytes (even NaN): they must not reach 0 * value
-    vf = values.float().masked_fill((pos < 0)[..., None], 0.0).view(B, Hkv, 1, S, -1)
+    vf = values.float().masked_fill((pos < 0)[..., None], 0.0).view(B, Hkv, 1, S, v_pool.shape[-1])
     qf = q.float().view(B, Hkv, G, 1, D)
     scores = (qf @ kf.transpose(-1, -2)).squeeze(-2) * scale  # [B, Hkv, G, S]
     scores = scores.masked_fill((pos < 0).view(B, Hkv, 1, S), float("-inf"))
     p = torch.softmax(scores, -1).nan_to_num(0.0)
-    out = (p.unsqueeze(-2) @ vf).squeeze(-2).reshape(B, H, -1)
+    out = (p.unsqueeze(-2) @ vf).squeeze(-2).reshape(B, H, v_pool.shape[-1])
     if valid is not None:
         out = out * valid.to(out.device).view(B, 1, 1).float()
     return out.to(q.dtype)

@@ -4,11 +4,20 @@
 the slot of the key that just left the window when it is flagged, else takes the next slot and pops a
 page from the free stack with an atomic when the slot opens a block. No host synchronisation.
 
-``paged_decode_attention``: split-K flash decoding over the ragged per-head store. Grid
-``(N streams, splits)``; one program holds all ``G = H / Hkv`` query heads of its KV head (padded to
-16 rows for ``tl.dot``), so every K/V byte is read once per step. Each split walks its range of
-pages with an online softmax in fp32 and writes a partial output and log-sum-exp; a second kernel
-merges the splits (log-sum-exp weighted) and writes ``[B, H, D]`` in the query dtype.
+``paged_decode_attention``: split-K flash decoding over the ragged per-head store. One program holds
+all ``G = H / Hkv`` query heads of its KV head (padded to 16 rows for ``tl.dot``), so every K/V byte is
+read once per step; it walks a range of pages with an online softmax in fp32 and writes a partial
+output and log-sum-exp; a second kernel merges the partials (log-sum-exp weighted) and writes
+``[B, H, D]`` in the query dtype. Two ways to cut the work (``kernel=``):
+
+* ``split``: grid ``(N streams, splits)``, every stream cut into splits of a fixed number of pages;
+* ``flat``: a fixed grid of ``P`` programs (a multiple of the SM count) over the concatenation of all
+  streams' pages; each program takes an equal share of the *actual* total (computed on the device
+  from ``seq_len``, so no host sync and CUDA-graph safe) and may span stream boundaries. Equal shares
+  on a grid that fills the SMs evenly avoid the last-wave imbalance of the split grid, whose program
+  count is rarely a multiple of the SM count and whose programs differ in length when heads do.
+  Partial ``(p, n)`` (program ``p``'s share of stream ``n``) is stored at row ``p + n``: along the
+  monotone staircase of (program, stream) pairs that index is unique.
 """
 from __future__ import annotations
 
@@ -183,6 +192,110 @@ def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
     tl.store(O + b * s_ob + (h * G + g) * s_oh + dv, out.to(O.dtype.element_ty))
 
 
+@triton.jit
+def _flat_layout(LEN, N, P, PS: tl.constexpr, NP2: tl.constexpr):
+    # every stream's page count, its inclusive prefix sum, and the pages per program
+    idx = tl.arange(0, NP2)
+    lens = tl.load(LEN + idx, mask=idx < N, other=0)
+    pages = (lens + PS - 1) // PS
+    hi = tl.cumsum(pages, 0)
+    total = tl.sum(pages, 0)
+    chunk = tl.maximum((total + P - 1) // P, 1)
+    return idx, lens, pages, hi, total, chunk
+
+
+@triton.jit
+def _decode_flat_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, N, P,
+                        s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_lpn,
+                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                        PS: tl.constexpr, NP2: tl.constexpr, IEEE: tl.constexpr):
+    p = tl.program_id(0)
+    idx, lens, pages, hi, total, chunk = _flat_layout(LEN, N, P, PS, NP2)
+    g0 = p * chunk
+    g1 = tl.minimum(g0 + chunk, total)
+    n = tl.sum((hi <= g0).to(tl.int32), 0)  # the stream that holds global page g0
+    g = g0
+    gq = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    t = tl.arange(0, PS)
+    while g < g1:
+        sel = idx == n
+        c_hi = tl.sum(tl.where(sel, hi, 0), 0)
+        length = tl.sum(tl.where(sel, lens, 0), 0)
+        c_lo = c_hi - tl.sum(tl.where(sel, pages, 0), 0)
+        j0 = g - c_lo
+        j1 = tl.minimum(g1, c_hi) - c_lo
+        b = n // HKV
+        h = n % HKV
+        q = tl.load(Q + b * s_qb + (h * G + gq[:, None]) * s_qh + d[None, :], mask=gq[:, None] < G, other=0.0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DV], tl.float32)
+        for j in range(j0, j1):
+            page = tl.load(BT + n * s_bt + j).to(tl.int64)
+            k = tl.load(KP + page * s_kp + t[:, None] * s_kt + d[None, :])
+            pos = tl.load(POSP + page * PS + t)
+            ok = ((j * PS + t) < length) & (pos >= 0)
+            v = tl.load(VP + page * s_vp + t[:, None] * s_vt + dv[None, :], mask=ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            pr = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+            m_i = m_new
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        o = acc / tl.maximum(l_i, 1e-30)[:, None]
+        row = (p + n).to(tl.int64)
+        tl.store(OP + row * s_opn + gq[:, None] * DV + dv[None, :], o, mask=gq[:, None] < G)
+        tl.store(LP + row * s_lpn + gq, lse, mask=gq < G)
+        g = tl.minimum(g1, c_hi)
+        n += 1
+
+
+@triton.jit
+def _merge_flat_kernel(OP, LP, O, VALID, LEN, N, P, s_opn, s_lpn, s_ob, s_oh,
+                       HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, PS: tl.constexpr, NP2: tl.constexpr):
+    n = tl.program_id(0)
+    gq = tl.program_id(1)
+    b = n // HKV
+    h = n % HKV
+    idx, lens, pages, hi, total, chunk = _flat_layout(LEN, N, P, PS, NP2)
+    sel = idx == n
+    c_hi = tl.sum(tl.where(sel, hi, 0), 0)
+    c_lo = c_hi - tl.sum(tl.where(sel, pages, 0), 0)
+    p_first = c_lo // chunk
+    p_end = tl.where(c_hi > c_lo, (c_hi - 1) // chunk + 1, p_first)  # programs [p_first, p_end) hold stream n
+    dv = tl.arange(0, DV)
+    m = tl.full([], float("-inf"), tl.float32)
+    den = tl.zeros([], tl.float32)
+    acc = tl.zeros([DV], tl.float32)
+    for p in range(p_first, p_end):
+        row = (p + n).to(tl.int64)
+        lse = tl.load(LP + row * s_lpn + gq)
+        o = tl.load(OP + row * s_opn + gq * DV + dv)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w_old = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        acc = acc * w_old + tl.where(w > 0, o * w, 0.0)
+        den = den * w_old + w
+        m = m_new
+    out = acc / tl.maximum(den, 1e-30)
+    ok = tl.load(VALID + b) != 0
+    out = tl.where(ok & (den > 0), out, 0.0)
+    tl.store(O + b * s_ob + (h * G + gq) * s_oh + dv, out.to(O.dtype.element_ty))
+
+
 _SUPPORTED_D = (16, 32, 64, 128, 256)
 # Split sizing and launch defaults of the decode kernel: no program walks more than MAX_PAGES_PER_SPLIT
 # pages and the grid holds >= 4 programs per SM. From the H100 sweep (`scripts/bench_decode.py --sweep`,
@@ -192,6 +305,18 @@ MAX_PAGES_PER_SPLIT = 16
 SPLIT_PROGRAMS_PER_SM = 4
 DEFAULT_WARPS = 4
 DEFAULT_STAGES = 2
+# The flat grid: this many programs per SM (all resident at once; each holds two 64 x 128 bf16 K/V tiles
+# per stage in shared memory).
+FLAT_PROGRAMS_PER_SM = 2
+KERNELS = ("split", "flat")
+
+
+def default_kernel() -> str:
+    """``DMS_DECODE_KERNEL`` (split / flat), else ``split``."""
+    k = os.environ.get("DMS_DECODE_KERNEL", "split")
+    if k not in KERNELS:
+        raise ValueError(f"DMS_DECODE_KERNEL={k!r}; choose one of {KERNELS}")
+    return k
 
 
 def _num_sms(device) -> int:
@@ -203,7 +328,7 @@ def _num_sms(device) -> int:
 def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, scale: float, valid=None,
                            max_len: int | None = None, num_splits: int | None = None,
                            pages_per_split: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None):
+                           num_stages: int | None = None, kernel: str | None = None, flat_programs: int | None = None):
     """Decode attention over the paged store (Triton). Arguments as :func:`reference.paged_decode_attention_reference`.
 
     Args:
@@ -215,6 +340,8 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         (DMS heads keep different numbers of tokens) spread over many programs instead of the longest
         stream's few programs running alone at the end; empty splits of short streams exit at once.
         num_warps / num_stages: Triton launch options (defaults: ``DEFAULT_WARPS`` / ``DEFAULT_STAGES``).
+        kernel: ``split`` or ``flat`` (module docstring; default :func:`default_kernel`); flat_programs: the
+        flat grid (default ``FLAT_PROGRAMS_PER_SM`` x SMs); the split options above do not apply to it.
     Returns:
         ``[B, H, DV]`` in q.dtype.
     """
@@ -239,6 +366,33 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         valid = torch.ones(B, dtype=torch.int8, device=q.device)
     elif valid.dtype == torch.bool:
         valid = valid.to(torch.int8)
+    kernel = default_kernel() if kernel is None else kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    ieee = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
+    if num_warps is None:
+        num_warps = DEFAULT_WARPS if PS * D >= 64 * 128 else 2
+    if num_stages is None:
+        num_stages = DEFAULT_STAGES
+    if kernel == "flat":
+        P = int(flat_programs) if flat_programs is not None else FLAT_PROGRAMS_PER_SM * _num_sms(q.device)
+        if P < 1:
+            raise ValueError(f"flat_programs must be >= 1; got {P}")
+        op = _empty((P + N, GP, DV), torch.float32, q.device)
+        lp = _empty((P + N, GP), torch.float32, q.device)
+        out = _empty((B, H, DV), q.dtype, q.device)
+        NP2 = max(2, triton.next_power_of_2(N))
+        _decode_flat_kernel[(P,)](
+            q, k_pool, v_pool, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, N, P,
+            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+            block_table.stride(0), op.stride(0), lp.stride(0),
+            HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, NP2=NP2, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+        )
+        _merge_flat_kernel[(N, G)](
+            op, lp, out, valid, seq_len, N, P, op.stride(0), lp.stride(0), out.stride(0), out.stride(1),
+            HKV=Hkv, G=G, DV=DV, PS=PS, NP2=NP2, num_warps=1,
+        )
+        return out
     if max_len is None:
         max_len = int(seq_len.max()) if N else 0
     max_pages = max(1, min(maxb, triton.cdiv(max(max_len, 1), PS)))
@@ -258,11 +412,6 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
     op = _empty((N, num_splits, GP, DV), torch.float32, q.device)
     lp = _empty((N, num_splits, GP), torch.float32, q.device)
     out = _empty((B, H, DV), q.dtype, q.device)
-    ieee = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
-    if num_warps is None:
-        num_warps = DEFAULT_WARPS if PS * D >= 64 * 128 else 2
-    if num_stages is None:
-        num_stages = DEFAULT_STAGES
     _decode_split_kernel[(N, num_splits)](
         q, k_pool, v_pool, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, pps,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),

@@ -80,6 +80,31 @@ def test_decode_attention_matches_reference(dtype, D, G, Hkv, lens, splits):
     assert (out[empty] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("D,G,Hkv,lens,programs", [
+    (64, 4, 2, [1, 63, 0, 17, 40, 5], None),      # default grid (more programs than pages here)
+    (64, 4, 2, [1, 63, 0, 17, 40, 5], 3),         # few programs: each spans several streams, streams span programs
+    (128, 8, 1, [200, 3], 5),                     # skewed heads, GQA 8
+    (64, 1, 4, [16, 16, 31, 1, 0, 0, 2, 90], 7),  # MHA, empty heads between full ones
+    (64, 4, 2, [0, 0, 0, 0], 4),                  # nothing held at all
+    (64, 4, 2, [97, 2, 0, 33], 1),                # one program walks everything
+])
+def test_flat_decode_attention_matches_reference(dtype, D, G, Hkv, lens, programs):
+    """kernel="flat": equal page shares of all streams per program (module docstring), same result."""
+    PS = 16
+    B = len(lens) // Hkv
+    k, v, pos, bt, sl = _store(lens, PS, D, dtype, seed=len(lens) + (programs or 0))
+    q = torch.randn(B, Hkv * G, D, device=DEV).to(dtype)
+    ref = paged_decode_attention_reference(q, k, v, pos, bt, sl, D ** -0.5)
+    out = td.paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, kernel="flat", flat_programs=programs)
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=0)
+    empty = (sl == 0).view(B, Hkv).repeat_interleave(G, 1)
+    assert (out[empty] == 0).all()
+    split = td.paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, kernel="split")
+    torch.testing.assert_close(out.float(), split.float(), atol=TOL[dtype], rtol=0)
+
+
 def test_decode_attention_invalid_rows_and_errors():
     k, v, pos, bt, sl = _store([5, 9], 16, 64, torch.float32)
     q = torch.randn(2, 2, 64, device=DEV)
@@ -90,6 +115,12 @@ def test_decode_attention_invalid_rows_and_errors():
         td.paged_decode_attention(q[..., :48].contiguous(), k[..., :48], v[..., :48], pos, bt, sl, 0.1)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         td.paged_decode_attention(torch.randn(1, 3, 64, device=DEV), k, v, pos, bt, sl, 0.1)
+    out = td.paged_decode_attention(q, k, v, pos, bt, sl, 0.125, valid=valid, kernel="flat", flat_programs=2)
+    assert (out[1] == 0).all() and not torch.isnan(out).any()
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        td.paged_decode_attention(q, k, v, pos, bt, sl, 0.1, kernel="fast")
+    with pytest.raises(ValueError, match="flat_programs"):
+        td.paged_decode_attention(q, k, v, pos, bt, sl, 0.1, kernel="flat", flat_programs=0)
 
 
 def _fresh_state(B, Hkv, D, PS, P, W, dtype):
