@@ -18,6 +18,12 @@ output and log-sum-exp; a second kernel merges the partials (log-sum-exp weighte
   count is rarely a multiple of the SM count and whose programs differ in length when heads do.
   Partial ``(p, n)`` (program ``p``'s share of stream ``n``) is stored at row ``p + n``: along the
   monotone staircase of (program, stream) pairs that index is unique.
+
+Measured on the H100 side by side (``scripts/bench_decode.py --compare-kernel --flat-programs 1 3 4``,
+docs/results/decode_kernel_compare.json; fractions of copy bandwidth, batch 8): the flat grid loses on dense
+rows (32K: 0.86 vs 0.97) and on skewed ones (32K: 0.83 vs 0.90; 8K: 0.68 vs 0.71), ties on CR-8 rows at 32K
+(0.70) and wins only on the smallest, CR 8 at 8K (0.62 vs 0.45); 1, 3 or 4 programs per SM do no better than
+2. The last-wave imbalance it removes is not what limits the split grid, so ``split`` stays the default.
 """
 from __future__ import annotations
 
