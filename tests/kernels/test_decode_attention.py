@@ -105,6 +105,20 @@ def test_flat_decode_attention_matches_reference(dtype, D, G, Hkv, lens, program
     torch.testing.assert_close(out.float(), split.float(), atol=TOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_kernel_v_masked_by_length_only(dtype, monkeypatch):
+    """V_MASK_POS=False: V tiles masked by the stream length only; holes (pos < 0, finite bytes) still get
+    probability 0 and NaN bytes past the end still never enter."""
+    monkeypatch.setattr(td, "V_MASK_POS", False)
+    lens = [1, 63, 0, 17, 40, 5]
+    k, v, pos, bt, sl = _store(lens, 16, 64, dtype, seed=5)
+    q = torch.randn(3, 8, 64, device=DEV).to(dtype)
+    ref = paged_decode_attention_reference(q, k, v, pos, bt, sl, 0.125)
+    out = td.paged_decode_attention(q, k, v, pos, bt, sl, 0.125, kernel="split", num_splits=2)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=0)
+
+
 def test_decode_attention_invalid_rows_and_errors():
     k, v, pos, bt, sl = _store([5, 9], 16, 64, torch.float32)
     q = torch.randn(2, 2, 64, device=DEV)
