@@ -130,9 +130,7 @@ def paged_append(k_new, v_new, logits, valid, seen, k_pool, v_pool, pos_pool, bl
 def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_split,
                          s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_ops, s_lpn,
                          HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                         PS: tl.constexpr, IEEE: tl.constexpr, V_MASK_POS: tl.constexpr = True,
-                         PPI: tl.constexpr = 1):
-    # PPI: pages per loop iteration (one [PPI * PS, D] tile gathered from PPI pages)
+                         PS: tl.constexpr, IEEE: tl.constexpr, V_MASK_POS: tl.constexpr = False):
     n = tl.program_id(0)
     split = tl.program_id(1)
     b = n // HKV
@@ -144,34 +142,25 @@ def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_s
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    r = tl.arange(0, PPI * PS)
-    t = r % PS
+    t = tl.arange(0, PS)
     q = tl.load(Q + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g[:, None] < G, other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DV], tl.float32)
-    for j in range(p0, p1, PPI):
-        if PPI == 1:
-            page = tl.load(BT + n * s_bt + j).to(tl.int64)
-            k = tl.load(KP + page * s_kp + t[:, None] * s_kt + d[None, :])
-            pos = tl.load(POSP + page * PS + t)
-            inside = (j * PS + r) < length
-        else:
-            jj = j + r // PS
-            mine = jj < p1  # rows of this split's pages
-            page = tl.load(BT + n * s_bt + jj, mask=mine, other=0).to(tl.int64)
-            k = tl.load(KP + page[:, None] * s_kp + t[:, None] * s_kt + d[None, :], mask=mine[:, None], other=0.0)
-            pos = tl.load(POSP + page * PS + t, mask=mine, other=-1)
-            inside = ((j * PS + r) < length) & mine
+    for j in range(p0, p1):
+        page = tl.load(BT + n * s_bt + j).to(tl.int64)
+        k = tl.load(KP + page * s_kp + t[:, None] * s_kt + d[None, :])
+        pos = tl.load(POSP + page * PS + t)
+        inside = (j * PS + t) < length
         ok = inside & (pos >= 0)
         # Slots past the end hold stale or uninitialised bytes: masked so that 0 * NaN never enters. Holes inside
-        # a stream (pos < 0) hold an evicted token's finite values; V_MASK_POS=False leaves them unmasked (their
-        # probability is 0), so that the V load does not wait for the positions.
-        pv = page[:, None] if PPI > 1 else page
+        # a stream (pos < 0) hold an evicted token's finite values (pools start zeroed): by default they are left
+        # unmasked (their probability is 0), so that the V load does not wait for the positions
+        # (V_MASK_POS=True masks them too; see the module constant).
         if V_MASK_POS:
-            v = tl.load(VP + pv * s_vp + t[:, None] * s_vt + dv[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(VP + page * s_vp + t[:, None] * s_vt + dv[None, :], mask=ok[:, None], other=0.0)
         else:
-            v = tl.load(VP + pv * s_vp + t[:, None] * s_vt + dv[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(VP + page * s_vp + t[:, None] * s_vt + dv[None, :], mask=inside[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -333,10 +322,12 @@ DEFAULT_STAGES = 2
 # per stage in shared memory).
 FLAT_PROGRAMS_PER_SM = 2
 KERNELS = ("split", "flat")
-# Split kernel: mask V by slot position (True) or by the stream length only (False; see the kernel), and
-# pages per loop iteration.
-V_MASK_POS = True
-PAGES_PER_ITER = 1
+# Split kernel: mask V tiles by slot position (True) or by the stream length only (False, the default: the V load
+# then does not wait for the positions). H100, CUDA graphs, batch 8 (docs/results/decode_kernel_variants.json,
+# fractions of copy bandwidth, True -> False): dense 8K 0.82 -> 0.86, skewed 8K 0.73 -> 0.77, CR 8 32K
+# 0.71 -> 0.74, dense 32K 0.97 -> 0.97. Two pages per loop iteration and 3 stages were timed there too and
+# were not better overall.
+V_MASK_POS = False
 
 
 def default_kernel() -> str:
@@ -444,7 +435,7 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         q, k_pool, v_pool, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, pps,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         block_table.stride(0), op.stride(0), op.stride(1), lp.stride(0),
-        HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, IEEE=ieee, V_MASK_POS=V_MASK_POS, PPI=PAGES_PER_ITER,
+        HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, IEEE=ieee, V_MASK_POS=V_MASK_POS,
         num_warps=num_warps, num_stages=num_stages,
     )
     _merge_kernel[(N, G)](

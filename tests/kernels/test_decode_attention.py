@@ -106,13 +106,11 @@ def test_flat_decode_attention_matches_reference(dtype, D, G, Hkv, lens, program
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("v_mask_pos,ppi", [(False, 1), (True, 2), (False, 2)])
-def test_split_kernel_variants(dtype, v_mask_pos, ppi, monkeypatch):
-    """V_MASK_POS=False: V tiles masked by the stream length only; holes (pos < 0, finite bytes) still get
-    probability 0 and NaN bytes past the end still never enter. PAGES_PER_ITER=2: two pages per iteration
-    (odd page counts per split included)."""
+@pytest.mark.parametrize("v_mask_pos", [False, True])
+def test_split_kernel_v_mask(dtype, v_mask_pos, monkeypatch):
+    """V tiles masked by the stream length only (default) or by slot position too: holes (pos < 0, finite
+    bytes) get probability 0 either way and NaN bytes past the end never enter."""
     monkeypatch.setattr(td, "V_MASK_POS", v_mask_pos)
-    monkeypatch.setattr(td, "PAGES_PER_ITER", ppi)
     lens = [1, 63, 0, 17, 40, 5]
     k, v, pos, bt, sl = _store(lens, 16, 64, dtype, seed=5)
     q = torch.randn(3, 8, 64, device=DEV).to(dtype)
