@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Decode-attention kernel variants side by side (H100; CUDA-graph timing, fractions of copy bandwidth).
+
+Times the split-K decode kernel (``dms_kernels.decode_attention.triton_decode``) on the rows where its fixed
+per-call cost shows (batch 8 / 32, dense, ragged CR 8 and lengths skewed around ctx/2, built as in
+``scripts/bench_decode.py``), for each variant:
+
+- ``vmask_pos``: V tiles masked by slot position as well as the stream length (``V_MASK_POS=True``);
+- ``default``: masked by the stream length only (the default);
+- ``stages3`` / ``warps8``: the default with 3 pipeline stages / 8 warps.
+
+    python scripts/bench_decode_variants.py --out docs/results/decode_kernel_variants.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROWS = [(8192, 8, "dense", 1.0), (8192, 8, "skew2", 2.0), (32768, 8, "cr8", 8.0), (32768, 8, "skew2", 2.0),
+        (32768, 8, "dense", 1.0), (8192, 32, "cr8", 8.0), (32768, 32, "cr8", 8.0)]
+VARIANTS = {
+    "vmask_pos": (True, {}),
+    "default": (False, {}),
+    "stages3": (False, dict(num_stages=3)),
+    "warps8": (False, dict(num_warps=8)),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/results/decode_kernel_variants.json")
+    ap.add_argument("--window", type=int, default=256)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: this benchmark times CUDA graphs; it needs a CUDA GPU", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).with_name("bench_decode.py"))
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    from dms_kernels.decode_attention import triton_decode as td
+
+    dev = torch.device("cuda")
+    timer = bd.Timer(dev)
+    copy_bw = bd.copy_bandwidth(dev, timer, 4 << 30)
+    H, Hkv, D, PS = 32, 8, 128, 64
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    saved = td.V_MASK_POS
+    try:
+        for ctx, B, name, cr in ROWS:
+            lens = bd.ragged_lengths(B, Hkv, ctx, cr, args.window, gen)
+            k, v, pos, bt, sl = bd.build_store(lens, PS, D, torch.bfloat16, dev, gen)
+            q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+            live = int(lens.sum()) * D * 2 * 2
+            max_len = int(lens.max())
+            row = dict(context=ctx, batch=B, lengths=name, live_bytes=live)
+            for vname, (vmask, kw) in VARIANTS.items():
+                td.V_MASK_POS = vmask
+                fn = lambda: td.paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, max_len=max_len,  # noqa: E731
+                                                       kernel="split", **kw)
+                ms = timer.graph_ms(fn, reps=10)
+                row[vname] = round(live / (ms * 1e-3) / copy_bw, 4)
+            rows.append(row)
+            print(row, flush=True)
+    finally:
+        td.V_MASK_POS = saved
+    import triton
+    import transformers
+
+    doc = dict(rows=rows, copy_bandwidth_GBps=copy_bw / 1e9, device=torch.cuda.get_device_name(),
+               versions=dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
+                             python=platform.python_version()),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command="python scripts/bench_decode_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
