@@ -323,10 +323,10 @@ DEFAULT_STAGES = 2
 FLAT_PROGRAMS_PER_SM = 2
 KERNELS = ("split", "flat")
 # Split kernel: mask V tiles by slot position (True) or by the stream length only (False, the default: the V load
-# then does not wait for the positions). H100, CUDA graphs, batch 8 (docs/results/decode_kernel_variants.json,
-# fractions of copy bandwidth, True -> False): dense 8K 0.82 -> 0.86, skewed 8K 0.73 -> 0.77, CR 8 32K
-# 0.71 -> 0.74, dense 32K 0.97 -> 0.97. Two pages per loop iteration and 3 stages were timed there too and
-# were not better overall.
+# then does not wait for the positions). H100, CUDA graphs, batch 8 (scripts/bench_decode_variants.py,
+# docs/results/decode_kernel_variants.json, fractions of copy bandwidth, True -> False): dense 8K 0.81 -> 0.86,
+# skewed 8K 0.72 -> 0.76, CR 8 32K 0.70 -> 0.74, dense 32K 0.96 -> 0.96. 3 stages, 8 warps and two pages per
+# loop iteration were timed too and were not better overall.
 V_MASK_POS = False
 
 
