@@ -661,18 +661,15 @@ def _bench_prefill(args, model, dev, timer, rows):
                    ratio_vs_dense=res["dense"]["ms"] / sdpa_ms, cr8_ratio_vs_dense=res["cr8"]["ms"] / sdpa_ms,
                    cr8_vs_no_evict=res["cr8"]["ms"] / res["dense"]["ms"], memory_cr=res["cr8"]["memory_cr"],
                    kv_alloc_fraction=res["cr8"]["alloc_fraction"], kv_live_fraction=res["cr8"]["live_fraction"])
-        if args.tile_flags:
-            row.update(no_evict_flags_ms=res["dense_flags"]["ms"], cr8_flags_ms=res["cr8_flags"]["ms"],
-                       ratio_vs_dense_flags=res["dense_flags"]["ms"] / sdpa_ms,
-                       cr8_ratio_vs_dense_flags=res["cr8_flags"]["ms"] / sdpa_ms)
-            print(f"  with DMS_ATTN_TILE_FLAGS=1: nothing evicted {row['no_evict_flags_ms']:.1f} ms (ratio "
-                  f"{row['ratio_vs_dense_flags']:.3f}), CR 8 {row['cr8_flags_ms']:.1f} ms", flush=True)
-        if args.compare_far:
-            row.update(no_evict_bias_ms=res["dense_bias"]["ms"], cr8_bias_ms=res["cr8_bias"]["ms"],
-                       ratio_vs_dense_bias=res["dense_bias"]["ms"] / sdpa_ms,
-                       cr8_ratio_vs_dense_bias=res["cr8_bias"]["ms"] / sdpa_ms)
-            print(f"  with DMS_ATTN_GATHER=0 (bias-product far tiles): nothing evicted {row['no_evict_bias_ms']:.1f} ms "
-                  f"(ratio {row['ratio_vs_dense_bias']:.3f}), CR 8 {row['cr8_bias_ms']:.1f} ms", flush=True)
+        for on, tag, what in ((args.tile_flags, "flags", "DMS_ATTN_TILE_FLAGS=1"),
+                              (args.compare_far, "bias", "DMS_ATTN_GATHER=0 (bias-product far tiles)")):
+            if not on:
+                continue
+            row.update({f"no_evict_{tag}_ms": res[f"dense_{tag}"]["ms"], f"cr8_{tag}_ms": res[f"cr8_{tag}"]["ms"],
+                        f"ratio_vs_dense_{tag}": res[f"dense_{tag}"]["ms"] / sdpa_ms,
+                        f"cr8_ratio_vs_dense_{tag}": res[f"cr8_{tag}"]["ms"] / sdpa_ms})
+            print(f"  with {what}: nothing evicted {row[f'no_evict_{tag}_ms']:.1f} ms (ratio "
+                  f"{row[f'ratio_vs_dense_{tag}']:.3f}), CR 8 {row[f'cr8_{tag}_ms']:.1f} ms", flush=True)
         rows.append(row)
         out[ctx] = row
         print(f"prefill ctx={ctx}: DMS nothing evicted {row['no_evict_ms']:.1f} ms, CR 8 {row['cr8_ms']:.1f} ms, "

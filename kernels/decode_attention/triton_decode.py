@@ -17,7 +17,8 @@ output and log-sum-exp; a second kernel merges the partials (log-sum-exp weighte
   on a grid that fills the SMs evenly avoid the last-wave imbalance of the split grid, whose program
   count is rarely a multiple of the SM count and whose programs differ in length when heads do.
   Partial ``(p, n)`` (program ``p``'s share of stream ``n``) is stored at row ``p + n``: along the
-  monotone staircase of (program, stream) pairs that index is unique.
+  monotone staircase of (program, stream) pairs that index is unique. Both walk pages with the same
+  ``_attend_pages`` loop.
 
 Measured on the H100 side by side (``scripts/bench_decode.py --compare-kernel --flat-programs 1 3 4``,
 docs/results/decode_kernel_compare.json; fractions of copy bandwidth, batch 8): the flat grid loses on dense
@@ -127,27 +128,18 @@ def paged_append(k_new, v_new, logits, valid, seen, k_pool, v_pool, pos_pool, bl
 
 
 @triton.jit
-def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_split,
-                         s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_ops, s_lpn,
-                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                         PS: tl.constexpr, IEEE: tl.constexpr, V_MASK_POS: tl.constexpr = False):
-    n = tl.program_id(0)
-    split = tl.program_id(1)
-    b = n // HKV
-    h = n % HKV
-    length = tl.load(LEN + n)
-    n_pages = tl.cdiv(length, PS)
-    p0 = split * pages_per_split
-    p1 = tl.minimum(p0 + pages_per_split, n_pages)
-    g = tl.arange(0, GP)
+def _attend_pages(q, n, j0, j1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, s_vp, s_vt, s_bt,
+                  GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PS: tl.constexpr, IEEE: tl.constexpr,
+                  V_MASK_POS: tl.constexpr):
+    # Online softmax of the GP query rows ``q`` over pages [j0, j1) of stream n: (o [GP, DV], lse [GP] in log2
+    # units, -inf where nothing was seen).
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     t = tl.arange(0, PS)
-    q = tl.load(Q + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g[:, None] < G, other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DV], tl.float32)
-    for j in range(p0, p1):
+    for j in range(j0, j1):
         page = tl.load(BT + n * s_bt + j).to(tl.int64)
         k = tl.load(KP + page * s_kp + t[:, None] * s_kt + d[None, :])
         pos = tl.load(POSP + page * PS + t)
@@ -176,9 +168,30 @@ def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_s
         else:
             acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
         m_i = m_new
-    # lse in log2 units; -inf where this split saw nothing.
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
     o = acc / tl.maximum(l_i, 1e-30)[:, None]
+    return o, lse
+
+
+@triton.jit
+def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_split,
+                         s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_ops, s_lpn,
+                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         PS: tl.constexpr, IEEE: tl.constexpr, V_MASK_POS: tl.constexpr = False):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    b = n // HKV
+    h = n % HKV
+    length = tl.load(LEN + n)
+    n_pages = tl.cdiv(length, PS)
+    p0 = split * pages_per_split
+    p1 = tl.minimum(p0 + pages_per_split, n_pages)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    q = tl.load(Q + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g[:, None] < G, other=0.0)
+    o, lse = _attend_pages(q, n, p0, p1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, s_vp, s_vt, s_bt,
+                           GP, D, DV, PS, IEEE, V_MASK_POS)
     tl.store(OP + n * s_opn + split * s_ops + g[:, None] * DV + dv[None, :], o, mask=g[:, None] < G)
     tl.store(LP + n * s_lpn + split * GP + g, lse, mask=g < G)
 
@@ -221,7 +234,7 @@ def _flat_layout(LEN, N, P, PS: tl.constexpr, NP2: tl.constexpr):
 def _decode_flat_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, N, P,
                         s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_lpn,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                        PS: tl.constexpr, NP2: tl.constexpr, IEEE: tl.constexpr):
+                        PS: tl.constexpr, NP2: tl.constexpr, IEEE: tl.constexpr, V_MASK_POS: tl.constexpr = False):
     p = tl.program_id(0)
     idx, lens, pages, hi, total, chunk = _flat_layout(LEN, N, P, PS, NP2)
     g0 = p * chunk
@@ -231,7 +244,6 @@ def _decode_flat_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, N, P,
     gq = tl.arange(0, GP)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    t = tl.arange(0, PS)
     while g < g1:
         sel = idx == n
         c_hi = tl.sum(tl.where(sel, hi, 0), 0)
@@ -242,32 +254,8 @@ def _decode_flat_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, N, P,
         b = n // HKV
         h = n % HKV
         q = tl.load(Q + b * s_qb + (h * G + gq[:, None]) * s_qh + d[None, :], mask=gq[:, None] < G, other=0.0)
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DV], tl.float32)
-        for j in range(j0, j1):
-            page = tl.load(BT + n * s_bt + j).to(tl.int64)
-            k = tl.load(KP + page * s_kp + t[:, None] * s_kt + d[None, :])
-            pos = tl.load(POSP + page * PS + t)
-            ok = ((j * PS + t) < length) & (pos >= 0)
-            v = tl.load(VP + page * s_vp + t[:, None] * s_vt + dv[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            pr = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-            m_i = m_new
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]
+        o, lse = _attend_pages(q, n, j0, j1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, s_vp, s_vt, s_bt,
+                               GP, D, DV, PS, IEEE, V_MASK_POS)
         row = (p + n).to(tl.int64)
         tl.store(OP + row * s_opn + gq[:, None] * DV + dv[None, :], o, mask=gq[:, None] < G)
         tl.store(LP + row * s_lpn + gq, lse, mask=gq < G)
@@ -405,7 +393,8 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
             q, k_pool, v_pool, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, N, P,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             block_table.stride(0), op.stride(0), lp.stride(0),
-            HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, NP2=NP2, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+            HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, NP2=NP2, IEEE=ieee, V_MASK_POS=V_MASK_POS, num_warps=num_warps,
+            num_stages=num_stages,
         )
         _merge_flat_kernel[(N, G)](
             op, lp, out, valid, seq_len, N, P, op.stride(0), lp.stride(0), out.stride(0), out.stride(1),
