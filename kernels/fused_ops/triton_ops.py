@@ -332,9 +332,12 @@ def _rows(x):
     return x2, K
 
 
-def grouped_linear(x, weights, biases=None):
+def grouped_linear(x, weights, biases=None, residual=None):
     """``[x @ w.T + b for w, b in zip(weights, biases)]`` for 1-3 weights ``[N_i, K]`` in one launch (x: at most
-    ``SKINNY_MAX_ROWS`` rows, same dtype as the weights). Outputs ``[..., N_i]`` like ``F.linear``."""
+    ``SKINNY_MAX_ROWS`` rows, same dtype as the weights). Outputs ``[..., N_i]`` like ``F.linear``.
+
+    ``residual`` (one weight only): ``[..., N]`` added in the epilogue, after the product is rounded to x.dtype
+    (transformers' ``residual + proj(x)``)."""
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"grouped_linear takes 1 to 3 weights; got {len(weights)}")
     x2, K = _rows(x)
@@ -345,6 +348,16 @@ def grouped_linear(x, weights, biases=None):
     if has_bias and any(b is None for b in biases):
         raise ValueError("grouped_linear: give a bias for every weight or for none")
     M = x2.shape[0]
+    r2 = x2  # placeholder pointer when there is no residual
+    if residual is not None:
+        N = weights[0].shape[0]
+        if len(weights) != 1 or residual.shape[-1] != N or residual.shape[:-1].numel() != M \
+                or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not fit one weight's output "
+                             f"rows {M} x {N} in {x.dtype}")
+        r2 = residual.reshape(-1, N)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     bs = (list(biases) + [biases[0]] * (3 - len(biases))) if has_bias else ws
     ys = [_new((M, w.shape[0]), x.dtype, x.device) for w in weights]
@@ -354,37 +367,18 @@ def grouped_linear(x, weights, biases=None):
     bn, bk, nw, st, prec = _skinny_cfg(x2, sum(Ns))
     P = [triton.cdiv(n, bn) for n in Ns]
     if M:
-        _grouped_linear_kernel[(sum(P),)](x2, *ws, *bs, *ys_full, x2, M, K, max(Ns[0], 1), max(Ns[1], 1), max(Ns[2], 1),
-                                          P[0], P[1], x2.stride(0), 0, HAS_BIAS=has_bias, BLOCK_M=SKINNY_MAX_ROWS,
-                                          BLOCK_N=bn, BLOCK_K=bk, IN_PREC=prec, num_warps=nw, num_stages=st)
+        _grouped_linear_kernel[(sum(P),)](x2, *ws, *bs, *ys_full, r2, M, K, max(Ns[0], 1), max(Ns[1], 1), max(Ns[2], 1),
+                                          P[0], P[1], x2.stride(0), r2.stride(0), HAS_BIAS=has_bias,
+                                          BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, IN_PREC=prec,
+                                          HAS_RES=residual is not None, num_warps=nw, num_stages=st)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 def linear_residual(x, weight, residual, bias=None):
-    """``residual + F.linear(x, weight, bias)`` in one launch (x: at most ``SKINNY_MAX_ROWS`` rows; the product is
-    rounded to x.dtype before the sum, as transformers' ``residual + o_proj(...)``). ``residual [..., N]``."""
-    x2, K = _rows(x)
-    N = weight.shape[0]
-    if weight.shape != (N, K) or weight.dtype != x.dtype or not weight.is_contiguous():
-        raise ValueError(f"weight must be contiguous [N, {K}] in {x.dtype}; got {tuple(weight.shape)} {weight.dtype}")
-    if residual.shape[-1] != N or residual.shape[:-1].numel() != x2.shape[0] or residual.dtype != x.dtype:
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not fit rows {x2.shape[0]} x {N} "
-                         f"in {x.dtype}")
-    r2 = residual.reshape(-1, N)
-    if r2.stride(-1) != 1:
-        r2 = r2.contiguous()
-    M = x2.shape[0]
-    y = _new((M, N), x.dtype, x.device)
-    bn, bk, nw, st, prec = _skinny_cfg(x2, N)
-    has_bias = bias is not None
-    if M:
-        _grouped_linear_kernel[(triton.cdiv(N, bn),)](x2, weight, weight, weight, bias if has_bias else weight,
-                                                      weight, weight, y, y, y, r2, M, K, N, 1, 1,
-                                                      triton.cdiv(N, bn), 0, x2.stride(0), r2.stride(0),
-                                                      HAS_BIAS=has_bias, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=bn,
-                                                      BLOCK_K=bk, IN_PREC=prec, HAS_RES=True, num_warps=nw,
-                                                      num_stages=st)
-    return y.view(*residual.shape[:-1], N)
+    """``residual + F.linear(x, weight, bias)`` in one launch (:func:`grouped_linear` with one weight and a
+    residual); shaped like ``residual``."""
+    y, = grouped_linear(x, [weight], None if bias is None else [bias], residual=residual)
+    return y.view(residual.shape)
 
 
 def gate_up_silu(x, w_gate, w_up, b_gate=None, b_up=None):
