@@ -18,8 +18,22 @@ Stages (each skips what <work> already holds, so a run can be split over several
             adapter heads + full fine-tune, immediate eviction (window 0), other windows (--ablation-windows)
   eval      dms.eval.evaluate_system for the base model (full cache), every baseline at every CR, every retrofit
             (Quest: one system per --quest-page-sizes entry; its KV reads include its page metadata and its page
-            selection fits the same reads budget, unless --quest-metadata ignore)
+            selection fits the same reads budget, unless --quest-metadata ignore); and, after each main DMS run,
+            every baseline again at that run's budget (below)
   report    docs/results/quality.json, the "Quality" section of docs/benchmarks.md and docs/quality_*.png
+
+Budget-matched comparison (on by default; --no-matched-baselines turns it off). A retrofit aimed at CR c does not land
+exactly on it (e.g. memory CR 2.18 at "CR 2": it holds ~8% fewer tokens than the baselines' context / 2). So, once
+the main run dms-crC is evaluated, every baseline is evaluated once more at the memory CR m that run measured (both
+directions: m < c gives the baselines more tokens than nominal). Its budget is DMS's mean tokens held per row, layer
+and KV head, T / m at the T = --ppl-len perplexity rows (context / m for task prompts of other lengths), rounded UP to
+an integer (dms.eval.suite.PolicySystem, rounding="ceil"): a matched baseline never holds fewer tokens than DMS, at
+most one more. These rows are named <baseline>@crC-matched (never a nominal name) and cached in <work>/eval like the
+others, recording matched_to (the DMS run), nominal_cr (C), cr (m), budget_rounding and budget_tokens (at T); a cached
+one is reused only while the DMS row still reports the same m, otherwise it is re-evaluated (only that file is
+rewritten; the nominal <baseline>@crC rows are never touched). The summary keeps its nominal fields and adds, per
+main CR, best_baseline_ppl_increase_crC_matched(_policy), best_baseline_retrieval_ratio_crC_matched(_policy),
+matched_budget_crC (m) and dms_beats_every_baseline_crC_matched; the report shows both in one margins table.
 """
 from __future__ import annotations
 
@@ -80,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--mix-task-fraction", type=float, default=0.3,
                    help="share of retrieval documents in the retrofit corpus (the rest: plain corpus text)")
     p.add_argument("--baselines", nargs="*", default=["sliding_window", "streaming_llm", "h2o", "tova", "quest"])
+    p.add_argument("--matched-baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate every baseline at the memory CR each main DMS run achieved (its tokens held, "
+                        "rounded up): the budget-matched comparison, reported beside the nominal one (default: on)")
     p.add_argument("--quest-metadata", default="count", choices=("count", "ignore"),
                    help="Quest's KV reads: count its page metadata (one token-equivalent per page) within the reads "
                         "budget (default), or ignore it (the older accounting, for comparison)")
@@ -304,9 +321,15 @@ def main(argv=None) -> int:
         base, tok = bench.load_plain(base_dir, device)
         data = EvalData.build(tok, corpus / "validation.jsonl.gz", ecfg)
 
-        def run(system, teacher):
-            if system.name in results and not args.re_eval:
-                return
+        def run(system, teacher, fields=None):
+            """Evaluate ``system`` unless <work>/eval holds it; ``fields`` (budget-matched rows) are recorded with it,
+            and a cached row that shows other values is stale (evaluated again, overwriting only its own file)."""
+            cached = results.get(system.name)
+            if cached is not None and not args.re_eval:
+                if fields is None or all(cached.get(k) == v for k, v in fields.items()):
+                    return
+                print(f"[eval {system.name}] cached at CR {cached.get('cr')}, now {fields.get('cr')}: evaluating again",
+                      flush=True)
             if args.eval_deadline is not None and time.time() - t_start > args.eval_deadline:
                 print(f"[eval {system.name}] skipped: --eval-deadline {args.eval_deadline:g}s passed", flush=True)
                 return
@@ -317,6 +340,7 @@ def main(argv=None) -> int:
                 failures[system.name] = f"evaluation failed: {type(e).__name__}: {e}"
                 _free_cuda()
                 return
+            r.update(fields or {})
             results[system.name] = r
             (work / "eval" / f"{system.name}.json").write_text(json.dumps(r, indent=1))
             print(f"[eval {system.name}] ppl={r.get('ppl'):.3f} (+{100 * r.get('ppl_increase', 0):.1f}%) "
@@ -331,7 +355,19 @@ def main(argv=None) -> int:
             run(DMSSystem(model, spec.name), base)
             del model
 
-        # Order: what the summary needs first (full cache, then per CR from the largest: DMS, baselines), ablations last.
+        def run_matched(cr, spec):
+            """Every baseline at the memory CR that the main run of nominal CR ``cr`` measured (its tokens held)."""
+            d = results.get(spec.name) if spec is not None else None
+            if not d or d.get("memory_cr") is None:
+                print(f"[eval matched cr{cr:g}] skipped: no evaluated main DMS run with a memory CR", flush=True)
+                return
+            fields = bench.matched_fields(spec.name, d, cr)
+            for name, policy, opts in baselines:
+                run(PolicySystem(base, policy, fields["cr"], name=bench.matched_name(name, cr),
+                                 rounding=fields["budget_rounding"], **opts), base, fields)
+
+        # Order: what the summary needs first (full cache, then per CR from the largest: DMS, baselines at the nominal
+        # budget, baselines at DMS's budget), ablations last.
         run(PolicySystem(base, "full"), base)
         main = {s.cr: s for s in specs if s.name == f"dms-cr{s.cr:g}"}
         for cr in sorted(args.crs, reverse=True):
@@ -339,6 +375,8 @@ def main(argv=None) -> int:
                 run_dms(main[cr])
             for name, policy, opts in baselines:
                 run(PolicySystem(base, policy, cr, name=f"{name}@cr{cr:g}", **opts), base)
+            if args.matched_baselines:
+                run_matched(cr, main.get(cr))
         for spec in specs:
             run_dms(spec)
         timings["eval_s"] = time.time() - t
@@ -396,6 +434,9 @@ def main(argv=None) -> int:
             imgs.append("quality_training_curves.png")
         order = ["full"] + [main_runs[c] for c in args.crs if c in main_runs]
         order += [f"{b}@cr{c:g}" for c in args.crs for b in bnames]
+        order += [bench.matched_name(b, c) for c in args.crs for b in bnames  # only those at DMS's current memory CR
+                  if bench.matched_row_valid(results.get(bench.matched_name(b, c)), main_runs.get(c, ""),
+                                             results.get(main_runs.get(c, ""), {}), c)]
         order += [s.name for s in specs if s.name not in order]
         runs_meta = {}
         for s in specs:
@@ -415,7 +456,8 @@ def main(argv=None) -> int:
                "timings_s": timings,
                "rows": [{k: v for k, v in results[n].items() if k != "eval_config"} for n in order if n in results],
                "eval_config": {**ecfg.__dict__, "quest_metadata": args.quest_metadata,
-                               "quest_page_sizes": args.quest_page_sizes}}
+                               "quest_page_sizes": args.quest_page_sizes, "matched_baselines": args.matched_baselines,
+                               "matched_budget_rounding": bench.MATCHED_ROUNDING}}
         out_json = Path(args.json)
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(doc, indent=1) + "\n")

@@ -109,12 +109,44 @@ def _frac(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
+MATCHED_ROUNDING = "ceil"  # PolicySystem rounding of the budget-matched baselines (never fewer tokens than DMS)
+
+
+def matched_name(baseline: str, cr: float) -> str:
+    """System name of ``baseline`` evaluated at the memory CR that the main DMS run of nominal CR ``cr`` achieved
+    (``sliding_window@cr2-matched``); never equal to a nominal name (``sliding_window@cr2``)."""
+    return f"{baseline}@cr{cr:g}-matched"
+
+
+def matched_fields(dms_name: str, dms_row: dict, cr: float) -> dict:
+    """What a budget-matched baseline row records besides its evaluation, and what a cached one must still show to
+    be reused: the DMS run it is matched to, that run's nominal CR, and (``cr``) the memory CR that run measured."""
+    return {"matched_to": dms_name, "nominal_cr": float(cr), "cr": dms_row.get("memory_cr"),
+            "budget_rounding": MATCHED_ROUNDING}
+
+
+def matched_row_valid(row: dict | None, dms_name: str, dms_row: dict, cr: float) -> bool:
+    """True when ``row`` (a cached ``<baseline>@crC-matched`` evaluation) was run at the memory CR that ``dms_row``
+    reports now (False when the DMS run was re-evaluated since, or is missing)."""
+    if not row or not dms_row or dms_row.get("memory_cr") is None:
+        return False
+    want = matched_fields(dms_name, dms_row, cr)
+    return (all(row.get(k) == v for k, v in want.items() if k != "cr")
+            and row.get("cr") is not None and math.isclose(row["cr"], want["cr"], rel_tol=1e-12))
+
+
 def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float, str], baselines: list[str],
               run_rows: dict[str, list[dict]], targets: dict[str, float] | None = None) -> dict:
     """The summary object of docs/results/quality.json (fractions, not percents).
 
     ``targets`` maps a run name to the decision CR its retrofit aimed at (default: its nominal CR);
     ``steps_to_crX`` is the first step whose decision CR reached 95% of it.
+
+    Nominal comparison (``best_baseline_*_crX``, ``dms_beats_every_baseline_crX``): the baselines ``<b>@crX`` hold
+    ``context / X`` tokens. Budget-matched comparison (the same keys with ``_matched``): the baselines
+    ``<b>@crX-matched`` (:func:`matched_name`) were run at the memory CR that the main DMS run of CR X measured,
+    ``matched_budget_crX`` (only rows run at its current value count, :func:`matched_row_valid`);
+    ``dms_beats_every_baseline_crX_matched`` is None when no such row exists.
     """
     targets = targets or {}
     base = results.get("full", {})
@@ -123,12 +155,23 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
     def dms(cr):
         return results.get(main_runs.get(cr, ""), {})
 
-    def best_baseline(cr, key, higher):
-        vals = [(results[f"{b}@cr{cr:g}"].get(key), b) for b in baselines if f"{b}@cr{cr:g}" in results]
+    def rows(cr, matched):
+        if not matched:
+            return [(b, results[f"{b}@cr{cr:g}"]) for b in baselines if f"{b}@cr{cr:g}" in results]
+        name, d = main_runs.get(cr, ""), dms(cr)
+        return [(b, results[matched_name(b, cr)]) for b in baselines
+                if matched_row_valid(results.get(matched_name(b, cr)), name, d, cr)]
+
+    def best_baseline(cr, key, higher, matched=False):
+        vals = [(r.get(key), b) for b, r in rows(cr, matched)]
         vals = [v for v in vals if v[0] is not None]
         if not vals:
             return None, None
         return (max if higher else min)(vals)
+
+    def beats(d, rs):
+        return [d.get("ppl_increase", math.inf) <= r.get("ppl_increase", math.inf)
+                and (d.get("retrieval_accuracy") or 0) >= (r.get("retrieval_accuracy") or 0) for _, r in rs]
 
     s = {}
     for cr in crs:
@@ -144,16 +187,19 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
         s[f"best_baseline_retrieval_ratio_{tag}_policy"] = brn
         s[f"dms_memory_cr_{tag}"] = d.get("memory_cr")
         s[f"dms_decision_cr_{tag}"] = d.get("decision_cr")
-        beats = []
-        for b in baselines:
-            r = results.get(f"{b}@{tag}")
-            if r is None or not d:
-                continue
-            beats.append(d.get("ppl_increase", math.inf) <= r.get("ppl_increase", math.inf)
-                         and (d.get("retrieval_accuracy") or 0) >= (r.get("retrieval_accuracy") or 0))
-        s[f"dms_beats_every_baseline_{tag}"] = bool(beats) and all(beats)
+        won = beats(d, rows(cr, False)) if d else []
+        s[f"dms_beats_every_baseline_{tag}"] = bool(won) and all(won)
         if main_runs.get(cr) in run_rows:
             s[f"steps_to_{tag}"] = steps_to_cr(run_rows[main_runs[cr]], targets.get(main_runs[cr], cr))
+        matched = rows(cr, True)
+        bp, bpn = best_baseline(cr, "ppl_increase", higher=False, matched=True)
+        br, brn = best_baseline(cr, "retrieval_accuracy", higher=True, matched=True)
+        s[f"best_baseline_ppl_increase_{tag}_matched"] = bp
+        s[f"best_baseline_ppl_increase_{tag}_matched_policy"] = bpn
+        s[f"best_baseline_retrieval_ratio_{tag}_matched"] = _frac(br, base_ret)
+        s[f"best_baseline_retrieval_ratio_{tag}_matched_policy"] = brn
+        s[f"matched_budget_{tag}"] = matched[0][1]["cr"] if matched else None
+        s[f"dms_beats_every_baseline_{tag}_matched"] = all(beats(d, matched)) if matched else None
     s["base_retrieval_accuracy"] = base_ret
     s["base_ppl"] = base.get("ppl")
     return s
@@ -193,7 +239,8 @@ def _save(fig, out_png: Path, command: str):
 
 def plot_quality(results: dict, crs: list[float], main_runs: dict[float, str], baselines: list[str], out_png: Path,
                  command: str, ablations: dict[str, float] | None = None):
-    """Accuracy and perplexity increase vs KV compression (budget = context / CR), DMS vs every baseline."""
+    """Accuracy and perplexity increase vs KV compression (budget = context / CR), DMS vs every baseline; the
+    budget-matched baseline rows (:func:`matched_name`) as hollow squares at the CR they were run at."""
     plt = _pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -205,10 +252,22 @@ def plot_quality(results: dict, crs: list[float], main_runs: dict[float, str], b
         xs, ys = _series(results, lambda c: main_runs.get(c, ""), crs, key)
         if xs:
             ax.plot(xs, ys, "o-", lw=2.5, color="black", label="DMS (retrofit)")
+        any_matched = False
         for b in baselines:
             xs, ys = _series(results, lambda c, b=b: f"{b}@cr{c:g}", crs, key)
-            if xs:
-                ax.plot(xs, ys, "s--", label=b)
+            color = ax.plot(xs, ys, "s--", label=b)[0].get_color() if xs else None
+            mx, my = [], []  # budget-matched: at the memory CR the DMS run achieved
+            for c in crs:
+                r = results.get(matched_name(b, c))
+                if (matched_row_valid(r, main_runs.get(c, ""), results.get(main_runs.get(c, ""), {}), c)
+                        and r.get(key) is not None):
+                    mx.append(r["cr"])
+                    my.append(r[key])
+            if mx:
+                ax.plot(mx, my, "s", mfc="none", color=color, label=None if xs else f"{b} (matched)")
+                any_matched = True
+        if any_matched:
+            ax.plot([], [], "s", mfc="none", color="gray", label="hollow: baseline at DMS's achieved memory CR")
         for name, cr in (ablations or {}).items():
             r = results.get(name)
             if r is not None and r.get(key) is not None:
@@ -293,6 +352,10 @@ def markdown_section(results: dict, order: list[str], summary: dict, meta: dict,
              "retrofit *achieved* (decision CR = 1/(1 - evicted fraction); memory CR = tokens seen / tokens held at the "
              f"end of the {ctx:,}-token perplexity rows, window included). Quest keeps every token and limits only the "
              "reads (compare it on the KV-reads column)" + _quest_note(meta.get("quest_metadata", "count")), ""]
+    if any(n.endswith("-matched") and n in results for n in order):
+        lines += ["Rows `<baseline>@crC-matched` are the budget-matched comparison: the baseline runs at the memory "
+                  "CR that dms-crC *achieved* (not at C), holding that run's mean tokens per row, layer and KV head "
+                  "rounded up (ceil(context / memory CR)): never fewer tokens than DMS, at most one more.", ""]
     if meta.get("targets_line"):
         lines += [meta["targets_line"], ""]
     lines += [
@@ -309,12 +372,55 @@ def markdown_section(results: dict, order: list[str], summary: dict, meta: dict,
             f"{_fmt(r.get('ppl_increase'), pct=True)} | {_fmt(r.get('kl'))} | {_fmt(ta.get('passkey'))} | "
             f"{_fmt(ta.get('multikey'))} | {_fmt(ta.get('variable_tracking'))} | {_fmt(r.get('retrieval_accuracy'))} | "
             f"{_fmt(r.get('decode_kv_reads'))} | {_fmt(r.get('peak_tokens_held_per_row'))} |")
+    lines += [""] + margins_table(summary, ctx)
     lines += ["", "Summary (fractions): " + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in summary.items()
                                                       if not k.endswith("_policy")), ""]
     lines += ["Targets:", ""] + [f"- {t}" for t in targets(summary)] + [""]
     lines += [f"Note: {n}  " for n in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
     lines += [f"![{Path(i).stem}]({i})" for i in images]
     return "\n".join(lines) + "\n"
+
+
+def _tags(summary: dict) -> list[str]:
+    """``cr2``, ``cr4``, ... of the main CRs in ``summary``, in its order."""
+    pre = "dms_beats_every_baseline_"
+    return [k[len(pre):] for k in summary if k.startswith(pre) and not k.endswith("_matched")]
+
+
+def margins_table(summary: dict, context: int) -> list[str]:
+    """Markdown lines: DMS against the best baseline at each main CR, at the nominal budget (``context // CR``
+    tokens) and, where it was measured, at the budget-matched one (DMS's own memory CR, tokens rounded up)."""
+    from .suite import policy_budget
+
+    def best(v, name):
+        return "-" if v is None else f"{_fmt(v)} ({name})"
+
+    def margin(a, b):
+        return "-" if a is None or b is None else f"{a - b:+.3g}"
+
+    out = ["DMS against the best training-free baseline (fractions; margin = DMS minus that baseline: below 0 is "
+           "better for perplexity increase, above 0 for retrieval). *Nominal*: the baselines hold context / CR tokens "
+           "per KV head. *Matched*: they run at the memory CR that the DMS row achieved, i.e. its tokens held "
+           "(rounded up).", "",
+           "| CR | budget of the baselines | DMS ppl increase | best baseline ppl increase | ppl margin | "
+           "DMS retrieval ratio | best baseline retrieval ratio | retrieval margin | DMS beats every baseline |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for tag in _tags(summary):
+        cr = float(tag[2:])
+        dp, dr = summary.get(f"ppl_increase_{tag}"), summary.get(f"retrieval_ratio_{tag}")
+        budgets = [("", f"nominal: CR {cr:g}, {policy_budget(context, cr):,} tokens")]
+        m = summary.get(f"matched_budget_{tag}")
+        if m is not None:
+            budgets.append(("_matched", f"matched: CR {m:.2f} (DMS's), "
+                                        f"{policy_budget(context, m, MATCHED_ROUNDING):,} tokens"))
+        for sfx, label in budgets:
+            bp = summary.get(f"best_baseline_ppl_increase_{tag}{sfx}")
+            br = summary.get(f"best_baseline_retrieval_ratio_{tag}{sfx}")
+            out.append(f"| {cr:g} | {label} | {_fmt(dp)} | "
+                       f"{best(bp, summary.get(f'best_baseline_ppl_increase_{tag}{sfx}_policy'))} | {margin(dp, bp)} | "
+                       f"{_fmt(dr)} | {best(br, summary.get(f'best_baseline_retrieval_ratio_{tag}{sfx}_policy'))} | "
+                       f"{margin(dr, br)} | {_fmt(summary.get(f'dms_beats_every_baseline_{tag}{sfx}'))} |")
+    return out
 
 
 def _quest_note(accounting: str) -> str:
@@ -340,9 +446,15 @@ def targets(summary: dict) -> list[str]:
            chk("DMS ppl increase <= 8% at CR 8", "ppl_increase_cr8", lambda v: v <= 0.08),
            chk("DMS retrieval at CR 8 >= 90% of base", "retrieval_ratio_cr8", lambda v: v >= 0.9),
            chk("CR 8 reached within 1,000 steps", "steps_to_cr8", lambda v: v <= 1000)]
-    for k in sorted(k for k in summary if k.startswith("dms_beats_every_baseline_")):
-        out.append(f"DMS beats every baseline (ppl and retrieval) at {k.rsplit('_', 1)[1].upper()}: "
+    for tag in sorted(_tags(summary)):
+        k = f"dms_beats_every_baseline_{tag}"
+        out.append(f"DMS beats every baseline (ppl and retrieval) at {tag.upper()}, nominal budget (context / CR): "
                    f"{'met' if summary[k] else 'MISSED'}")
+        if k + "_matched" in summary:
+            v, m = summary[k + "_matched"], summary.get(f"matched_budget_{tag}")
+            out.append(f"DMS beats every baseline (ppl and retrieval) at {tag.upper()}, budget-matched (baselines at "
+                       f"DMS's memory CR {'-' if m is None else f'{m:.2f}'}): "
+                       + ("not measured" if v is None else "met" if v else "MISSED"))
     return out
 
 

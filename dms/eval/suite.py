@@ -5,14 +5,16 @@ A *system* is a model plus the way its KV cache is managed:
 - :class:`DMSSystem`: a retrofitted model (``dms.load``); perplexity under the hard inference mask
   (evict iff ``l > 0``, exactly what :class:`dms.DMSCache` keeps), generation through a ``DMSCache``;
 - :class:`PolicySystem`: a plain model with a training-free policy from :mod:`dms.eval.baselines`
-  at ``budget = context // CR``.
+  at ``budget = context // CR`` (``CR`` may be fractional; ``rounding="ceil"`` rounds up instead, for
+  baselines matched to the tokens a DMS run held).
 
 :func:`evaluate_system` returns one JSON-able dict: ``ppl``, ``teacher_ppl``, ``ppl_increase`` (fraction),
 ``kl`` (teacher || system, nats/token), ``decision_cr`` and ``memory_cr`` (overall, per layer, per head:
 always named), task accuracies, ``peak_tokens_held`` and ``decode_kv_reads`` (KV entries of one KV head
 read during generation, summed over layers, rows and steps; Quest's include its page metadata, one
 token-equivalent per page, reported also as ``quest_metadata_reads``, with its ``page_size`` and ``quest_metadata``
-accounting).
+accounting). A policy system with ``rounding="ceil"`` also records ``budget_rounding`` and ``budget_tokens`` (its
+budget at the ``ppl_len`` perplexity rows).
 """
 from __future__ import annotations
 
@@ -93,27 +95,54 @@ class EvalData:
         return cls(rows, examples)
 
 
+BUDGET_ROUNDING = ("floor", "ceil")
+
+
+def policy_budget(context: int, cr: float, rounding: str = "floor") -> int:
+    """Tokens held per ``(row, KV head)`` by a training-free policy at CR ``cr`` for ``context`` tokens:
+    ``max(1, context // cr)`` (``"floor"``) or ``max(1, ceil(context / cr - 1e-6))`` (``"ceil"``; see
+    :class:`PolicySystem`)."""
+    if rounding == "ceil":
+        return max(1, math.ceil(context / cr - 1e-6))
+    if rounding == "floor":
+        return max(1, int(context // cr))
+    raise ValueError(f"unknown budget rounding {rounding!r}; choose one of {BUDGET_ROUNDING}")
+
+
 class PolicySystem:
-    """A plain model with a training-free KV policy at ``budget = context // cr`` (``full``: no eviction).
+    """A plain model with a training-free KV policy at a budget of ``context / cr`` tokens (``full``: no eviction).
+
+    ``cr`` may be any real number >= 1 (e.g. the memory CR a DMS run achieved, 2.18). The budget, tokens held per
+    ``(row, KV head)`` for a ``context``-token prompt or perplexity row, is an integer, rounded as ``rounding`` says:
+
+    - ``"floor"`` (default, the nominal comparison): ``max(1, context // cr)``; for ``cr = 2, 4, 8`` and power-of-two
+      contexts exactly ``context / cr``.
+    - ``"ceil"`` (the budget-matched comparison of scripts/bench_quality.py): ``ceil(context / cr)``, computed as
+      ``ceil(context / cr - 1e-6)`` so that float noise in ``cr = T / held`` does not add a token. With ``cr`` the
+      memory CR a DMS run measured on ``T``-token rows (``T / cr`` = the mean tokens it held per row, layer and KV
+      head), the baseline holds that mean rounded up: never fewer tokens than DMS, at most one more.
 
     ``opts`` go to :class:`dms.eval.baselines.PolicyCache` (e.g. ``page_size``, ``quest_metadata``); for Quest
     the resolved ``page_size`` and ``quest_metadata`` accounting are kept in ``quest_settings`` (recorded in results).
     """
 
-    def __init__(self, model, policy: str, cr: float = 1.0, name: str | None = None, **opts):
+    def __init__(self, model, policy: str, cr: float = 1.0, name: str | None = None, rounding: str = "floor", **opts):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
         if not cr >= 1:
             raise ValueError(f"cr must be >= 1; got {cr}")
+        if rounding not in BUDGET_ROUNDING:
+            raise ValueError(f"unknown budget rounding {rounding!r}; choose one of {BUDGET_ROUNDING}")
         probe = PolicyCache(0, policy, 1 << 30, **opts)  # checks opts now rather than at the first evaluation
         self.quest_settings = ({"page_size": probe.page_size, "quest_metadata": probe.quest_metadata}
                                if policy == "quest" else None)
         self.model = prepare_policy_model(model)
-        self.policy, self.cr, self.opts = policy, float(cr), opts
+        self.policy, self.cr, self.opts, self.rounding = policy, float(cr), opts, rounding
         self.name = name or (policy if policy == "full" else f"{policy}@cr{cr:g}")
 
     def budget(self, context: int) -> int | None:
-        return None if self.policy == "full" else max(1, int(context // self.cr))
+        """Tokens held per ``(row, KV head)`` for ``context`` tokens (None for ``full``); see the class docstring."""
+        return None if self.policy == "full" else policy_budget(context, self.cr, self.rounding)
 
     def new_cache(self, context: int, dense_prefill: bool = False) -> PolicyCache:
         c = PolicyCache(self.model.config.num_hidden_layers, self.policy, self.budget(context), **self.opts)
@@ -340,6 +369,8 @@ def evaluate_system(system, teacher, tokenizer, data: EvalData, cfg: EvalConfig,
     res = {"system": system.name}
     if isinstance(system, PolicySystem):
         res.update({"policy": system.policy, "cr": system.cr, **(system.quest_settings or {})})
+        if system.rounding != "floor":  # rows of the default rounding keep their older layout
+            res.update({"budget_rounding": system.rounding, "budget_tokens": system.budget(cfg.ppl_len)})
     else:
         res.update({"policy": "dms", "window": system.window})
     if data.rows.shape[0]:

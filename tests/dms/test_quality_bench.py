@@ -136,3 +136,175 @@ def test_quest_page_sizes_are_baselines_and_the_note_names_the_accounting():
     md = markdown_section(res, ["quest@cr8"], s, {**meta, "quest_metadata": "count"}, [])
     assert "page metadata" in md and "one token-equivalent per page" in md and "same reads budget" in md
     assert "--quest-metadata ignore" in markdown_section(res, [], s, {**meta, "quest_metadata": "ignore"}, [])
+
+
+def test_policy_budget_takes_fractional_crs_and_rounds_as_stated():
+    from dms.eval.suite import PolicySystem, policy_budget
+
+    # floor (nominal): context // CR, as before; ceil (matched): DMS's mean tokens held, rounded up
+    assert policy_budget(4096, 2.0) == policy_budget(4096, 2.0, "ceil") == 2048
+    assert policy_budget(4096, 2.18) == 1878 and policy_budget(4096, 2.18, "ceil") == 1879  # 4096 / 2.18 = 1878.9
+    assert policy_budget(4096, 7.84) == 522 and policy_budget(4096, 7.84, "ceil") == 523  # more than 4096 / 8 = 512
+    # memory CR = T / held is a float: float noise must not add a token when DMS held a whole number
+    for held in range(1, 4097, 7):
+        assert policy_budget(4096, 4096 / held, "ceil") == held
+    with pytest.raises(ValueError, match="rounding"):
+        policy_budget(4096, 2.0, "nearest")
+    with pytest.raises(ValueError, match="rounding"):
+        PolicySystem(torch.nn.Module(), "h2o", 2.0, rounding="round")
+    bq = _script()
+    assert bq.parse_args([]).matched_baselines and not bq.parse_args(["--no-matched-baselines"]).matched_baselines
+
+
+def _matched_results():
+    """dms-cr2 at memory CR 2.18 and dms-cr8 at 7.84; nominal and matched baseline rows, one of them stale."""
+    from dms.eval.bench import matched_fields
+
+    dms2 = {"ppl_increase": 0.010, "retrieval_accuracy": 0.90, "memory_cr": 2.18}
+    dms8 = {"ppl_increase": 0.050, "retrieval_accuracy": 0.80, "memory_cr": 7.84}
+    res = {"full": {"ppl": 10.0, "retrieval_accuracy": 1.0}, "dms-cr2": dms2, "dms-cr8": dms8,
+           # nominal CR 2: sliding_window holds more tokens than DMS and wins on ppl
+           "sliding_window@cr2": {"cr": 2.0, "ppl_increase": 0.005, "retrieval_accuracy": 0.40},
+           "h2o@cr2": {"cr": 2.0, "ppl_increase": 0.020, "retrieval_accuracy": 0.60},
+           # matched CR 2: at DMS's 2.18 it loses
+           "sliding_window@cr2-matched": {**matched_fields("dms-cr2", dms2, 2.0), "ppl_increase": 0.012,
+                                          "retrieval_accuracy": 0.35},
+           "h2o@cr2-matched": {**matched_fields("dms-cr2", dms2, 2.0), "ppl_increase": 0.025,
+                               "retrieval_accuracy": 0.55},
+           "sliding_window@cr8": {"cr": 8.0, "ppl_increase": 0.060, "retrieval_accuracy": 0.20},
+           "h2o@cr8": {"cr": 8.0, "ppl_increase": 0.070, "retrieval_accuracy": 0.10},
+           # matched CR 8 (7.84: more tokens than nominal); the h2o row is stale (an older DMS evaluation, CR 7.5)
+           "sliding_window@cr8-matched": {**matched_fields("dms-cr8", dms8, 8.0), "ppl_increase": 0.040,
+                                          "retrieval_accuracy": 0.25},
+           "h2o@cr8-matched": {**matched_fields("dms-cr8", {"memory_cr": 7.5}, 8.0), "ppl_increase": 0.001,
+                               "retrieval_accuracy": 0.99}}
+    return res
+
+
+def test_summary_reports_the_matched_comparison_beside_the_nominal_one():
+    res = _matched_results()
+    main_runs = {2.0: "dms-cr2", 8.0: "dms-cr8"}
+    nominal_only = {k: v for k, v in res.items() if not k.endswith("-matched")}
+    s = summarize(res, [2.0, 8.0], main_runs, ["sliding_window", "h2o"], {})
+    # the nominal fields are what they were without any matched row
+    s0 = summarize(nominal_only, [2.0, 8.0], main_runs, ["sliding_window", "h2o"], {})
+    assert {k: v for k, v in s.items() if "matched" not in k} == {k: v for k, v in s0.items() if "matched" not in k}
+    assert s["best_baseline_ppl_increase_cr2"] == 0.005 and s["dms_beats_every_baseline_cr2"] is False
+    # matched CR 2: both rows count
+    assert s["matched_budget_cr2"] == 2.18 == s["dms_memory_cr_cr2"]
+    assert s["best_baseline_ppl_increase_cr2_matched"] == 0.012
+    assert s["best_baseline_ppl_increase_cr2_matched_policy"] == "sliding_window"
+    assert s["best_baseline_retrieval_ratio_cr2_matched"] == pytest.approx(0.55)
+    assert s["best_baseline_retrieval_ratio_cr2_matched_policy"] == "h2o"
+    assert s["dms_beats_every_baseline_cr2_matched"] is True
+    # matched CR 8: the stale h2o row (run at 7.5, not at DMS's 7.84) is left out, else DMS would lose
+    assert s["matched_budget_cr8"] == 7.84
+    assert s["best_baseline_ppl_increase_cr8_matched"] == 0.040
+    assert s["best_baseline_retrieval_ratio_cr8_matched_policy"] == "sliding_window"
+    assert s["dms_beats_every_baseline_cr8_matched"] is False  # 0.050 > 0.040
+    assert s0["dms_beats_every_baseline_cr8"] is True
+    # no matched rows: not measured (None), not "lost"
+    assert s0["dms_beats_every_baseline_cr2_matched"] is None and s0["matched_budget_cr2"] is None
+    assert s0["best_baseline_ppl_increase_cr2_matched_policy"] is None
+    # the report: one margins row per budget, naming each budget; targets for both
+    meta = {"command": "c", "device": "d", "versions": {}, "date": "t", "context": 4096}
+    order = ["full", "dms-cr2", "sliding_window@cr2", "sliding_window@cr2-matched"]
+    md = markdown_section(res, order, s, meta, [])
+    assert "| 2 | nominal: CR 2, 2,048 tokens | 0.01 | 0.005 (sliding_window) | +0.005 |" in md
+    assert "| 2 | matched: CR 2.18 (DMS's), 1,879 tokens | 0.01 | 0.012 (sliding_window) | -0.002 |" in md
+    assert "| 8 | matched: CR 7.84 (DMS's), 523 tokens | 0.05 | 0.04 (sliding_window) | +0.01 |" in md
+    assert "`<baseline>@crC-matched`" in md and "| sliding_window@cr2-matched |" in md
+    assert "at CR2, nominal budget (context / CR): MISSED" in md
+    assert "at CR2, budget-matched (baselines at DMS's memory CR 2.18): met" in md
+    assert "at CR8, budget-matched (baselines at DMS's memory CR 7.84): MISSED" in md
+    md0 = markdown_section(nominal_only, order[:3], s0, meta, [])
+    assert "matched: CR" not in md0 and "budget-matched (baselines at DMS's memory CR -): not measured" in md0
+
+
+WORDS = ("the kernel module loads a driver when the device appears and the user space daemon reads its "
+         "configuration file before it starts the service on every boot").split()
+
+
+def _tiny_base_and_corpus(root: pathlib.Path):
+    """A 2-layer Llama + BPE tokenizer saved as a base checkpoint, and a small gzip JSONL corpus (no pretraining)."""
+    import gzip
+    import json
+    import random
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dms.base_models import train_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(150, 300))) + f" {rng.randint(0, 99999)}."
+             for _ in range(60)]
+    (root / "corpus").mkdir()
+    for split, part in (("train", texts[:40]), ("validation", texts[40:])):
+        with gzip.open(root / "corpus" / f"{split}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in part)
+    tok = train_tokenizer(texts, 400, 1024)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root / "corpus", root / "base"
+
+
+def test_smoke_run_evaluates_baselines_at_the_memory_cr_dms_achieved(tmp_path):
+    """--smoke (on a tiny untrained base, main CRs 2 and 8, no ablations): every baseline is evaluated again at the
+    memory CR its DMS run measured; a new DMS value re-evaluates only that run's matched rows."""
+    import json
+    import math
+
+    bq = _script()
+    corpus, base = _tiny_base_and_corpus(tmp_path)
+    work = tmp_path / "work"
+    argv = ["--smoke", "--corpus", str(corpus), "--base-model", str(base), "--work", str(work), "--crs", "2", "8",
+            "--ablations", "--baselines", "sliding_window", "h2o", "quest", "--json", str(tmp_path / "q.json"),
+            "--docs", str(tmp_path / "docs"), "--no-progress"]
+    assert bq.main(argv + ["--stages", "retrofit", "eval", "report"]) == 0
+    doc = json.loads((tmp_path / "q.json").read_text())
+    rows, s = {r["system"]: r for r in doc["rows"]}, doc["summary"]
+    T = doc["context"]
+    assert T == 256 and doc["eval_config"]["matched_baselines"] is True
+    for c in (2, 8):
+        d = rows[f"dms-cr{c}"]
+        m = d["memory_cr"]
+        matched = {b: rows[f"{b}@cr{c}-matched"] for b in ("sliding_window", "h2o", "quest")}
+        for b, r in matched.items():
+            # run at the CR DMS measured, holding DMS's mean tokens per row/layer/KV head rounded up
+            assert r["cr"] == m and r["matched_to"] == f"dms-cr{c}" and r["nominal_cr"] == c
+            assert r["budget_rounding"] == "ceil" and r["budget_tokens"] == math.ceil(T / m - 1e-6)
+            assert 0 <= r["budget_tokens"] - T / m < 1
+            if b != "quest":  # eviction policies hold exactly that budget (Quest keeps all, limits reads)
+                assert r["memory_cr"] == pytest.approx(T / r["budget_tokens"])
+            assert rows[f"{b}@cr{c}"]["cr"] == c and "matched_to" not in rows[f"{b}@cr{c}"]
+        assert s[f"matched_budget_cr{c}"] == m
+        best = min(matched, key=lambda b: matched[b]["ppl_increase"])
+        assert s[f"best_baseline_ppl_increase_cr{c}_matched"] == matched[best]["ppl_increase"]
+        assert s[f"best_baseline_ppl_increase_cr{c}_matched_policy"] == best
+        top = max(r["retrieval_accuracy"] for r in matched.values())
+        base_ret = rows["full"]["retrieval_accuracy"]
+        assert s[f"best_baseline_retrieval_ratio_cr{c}_matched"] == (top / base_ret if base_ret else None)
+        assert s[f"dms_beats_every_baseline_cr{c}_matched"] == all(
+            d["ppl_increase"] <= r["ppl_increase"] and d["retrieval_accuracy"] >= r["retrieval_accuracy"]
+            for r in matched.values())
+    assert "budget-matched" in (tmp_path / "docs" / "benchmarks.md").read_text()
+
+    # DMS at CR 8 re-evaluated with another memory CR: its matched rows run again, nothing else is rewritten
+    ev = work / "eval"
+    before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in ev.glob("*.json")}
+    d8 = json.loads((ev / "dms-cr8.json").read_text())
+    d8["memory_cr"] = new = 256 / 77.5
+    (ev / "dms-cr8.json").write_text(json.dumps(d8))
+    assert bq.main(argv + ["--stages", "eval", "report"]) == 0
+    after = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in ev.glob("*.json")}
+    assert set(after) == set(before)
+    changed = {n for n in after if after[n] != before[n]}
+    assert changed == {"dms-cr8.json", "sliding_window@cr8-matched.json", "h2o@cr8-matched.json",
+                       "quest@cr8-matched.json"}
+    r = json.loads((ev / "h2o@cr8-matched.json").read_text())
+    assert r["cr"] == new and r["budget_tokens"] == 78 and r["memory_cr"] == pytest.approx(256 / 78)
+    assert json.loads((tmp_path / "q.json").read_text())["summary"]["matched_budget_cr8"] == new
