@@ -198,7 +198,8 @@ def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_s
 
 @triton.jit
 def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
-                  HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, SP: tl.constexpr):
+                  HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, SP: tl.constexpr,
+                  HAS_VALID: tl.constexpr = True):
     n = tl.program_id(0)
     g = tl.program_id(1)
     b = n // HKV
@@ -213,8 +214,10 @@ def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
     o = tl.load(OP + n * s_opn + sp[:, None] * s_ops + g * DV + dv[None, :], mask=(sp < n_splits)[:, None], other=0.0)
     o = tl.where((w > 0)[:, None], o, 0.0)  # an empty split stored garbage-free zeros, but never trust it
     out = tl.sum(o * w[:, None], 0) / tl.maximum(den, 1e-30)
-    ok = tl.load(VALID + b) != 0
-    out = tl.where(ok & (den > 0), out, 0.0)
+    if HAS_VALID:  # else every row is valid (no flag tensor, so no fill kernel per call)
+        out = tl.where((tl.load(VALID + b) != 0) & (den > 0), out, 0.0)
+    else:
+        out = tl.where(den > 0, out, 0.0)
     tl.store(O + b * s_ob + (h * G + g) * s_oh + dv, out.to(O.dtype.element_ty))
 
 
@@ -265,7 +268,8 @@ def _decode_flat_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, N, P,
 
 @triton.jit
 def _merge_flat_kernel(OP, LP, O, VALID, LEN, N, P, s_opn, s_lpn, s_ob, s_oh,
-                       HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, PS: tl.constexpr, NP2: tl.constexpr):
+                       HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, PS: tl.constexpr, NP2: tl.constexpr,
+                       HAS_VALID: tl.constexpr = True):
     n = tl.program_id(0)
     gq = tl.program_id(1)
     b = n // HKV
@@ -292,8 +296,10 @@ def _merge_flat_kernel(OP, LP, O, VALID, LEN, N, P, s_opn, s_lpn, s_ob, s_oh,
         den = den * w_old + w
         m = m_new
     out = acc / tl.maximum(den, 1e-30)
-    ok = tl.load(VALID + b) != 0
-    out = tl.where(ok & (den > 0), out, 0.0)
+    if HAS_VALID:  # else every row is valid (no flag tensor, so no fill kernel per call)
+        out = tl.where((tl.load(VALID + b) != 0) & (den > 0), out, 0.0)
+    else:
+        out = tl.where(den > 0, out, 0.0)
     tl.store(O + b * s_ob + (h * G + gq) * s_oh + dv, out.to(O.dtype.element_ty))
 
 
@@ -369,8 +375,9 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
     GP = max(16, triton.next_power_of_2(G))
     if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
         raise ValueError("q, k_pool, v_pool need a contiguous last dimension")
-    if valid is None:
-        valid = torch.ones(B, dtype=torch.int8, device=q.device)
+    has_valid = valid is not None
+    if not has_valid:
+        valid = seq_len  # a placeholder pointer, never read (HAS_VALID=False)
     elif valid.dtype == torch.bool:
         valid = valid.to(torch.int8)
     kernel = default_kernel() if kernel is None else kernel
@@ -398,7 +405,7 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         )
         _merge_flat_kernel[(N, G)](
             op, lp, out, valid, seq_len, N, P, op.stride(0), lp.stride(0), out.stride(0), out.stride(1),
-            HKV=Hkv, G=G, DV=DV, PS=PS, NP2=NP2, num_warps=1,
+            HKV=Hkv, G=G, DV=DV, PS=PS, NP2=NP2, HAS_VALID=has_valid, num_warps=1,
         )
         return out
     if max_len is None:
@@ -429,6 +436,7 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
     )
     _merge_kernel[(N, G)](
         op, lp, out, valid, num_splits, op.stride(0), op.stride(1), lp.stride(0), out.stride(0), out.stride(1),
-        HKV=Hkv, G=G, GP=GP, DV=DV, SP=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
+        HKV=Hkv, G=G, GP=GP, DV=DV, SP=max(2, triton.next_power_of_2(num_splits)), HAS_VALID=has_valid,
+        num_warps=1,
     )
     return out
