@@ -184,26 +184,31 @@ def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_s
     h = n % HKV
     length = tl.load(LEN + n)
     n_pages = tl.cdiv(length, PS)
-    p0 = split * pages_per_split
-    p1 = tl.minimum(p0 + pages_per_split, n_pages)
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
-    q = tl.load(Q + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g[:, None] < G, other=0.0)
-    o, lse = _attend_pages(q, n, p0, p1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, s_vp, s_vt, s_bt,
-                           GP, D, DV, PS, IEEE, V_MASK_POS)
-    tl.store(OP + n * s_opn + split * s_ops + g[:, None] * DV + dv[None, :], o, mask=g[:, None] < G)
-    tl.store(LP + n * s_lpn + split * GP + g, lse, mask=g < G)
+    # Splits past the stream's end (the grid is sized by the longest stream) neither read nor write; split 0
+    # always writes, so that an empty stream merges to zeros. The merge reads only the splits written.
+    if split < tl.maximum(tl.cdiv(n_pages, pages_per_split), 1):
+        p0 = split * pages_per_split
+        p1 = tl.minimum(p0 + pages_per_split, n_pages)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        dv = tl.arange(0, DV)
+        q = tl.load(Q + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g[:, None] < G, other=0.0)
+        o, lse = _attend_pages(q, n, p0, p1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, s_vp, s_vt, s_bt,
+                               GP, D, DV, PS, IEEE, V_MASK_POS)
+        tl.store(OP + n * s_opn + split * s_ops + g[:, None] * DV + dv[None, :], o, mask=g[:, None] < G)
+        tl.store(LP + n * s_lpn + split * GP + g, lse, mask=g < G)
 
 
 @triton.jit
-def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
+def _merge_kernel(OP, LP, O, VALID, LEN, pages_per_split, n_grid, s_opn, s_ops, s_lpn, s_ob, s_oh,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, SP: tl.constexpr,
-                  HAS_VALID: tl.constexpr = True):
+                  PS: tl.constexpr, HAS_VALID: tl.constexpr = True):
     n = tl.program_id(0)
     g = tl.program_id(1)
     b = n // HKV
     h = n % HKV
+    # the splits written (never more than the grid had: a stream longer than max_len is cut off, not overrun)
+    n_splits = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(tl.load(LEN + n), PS), pages_per_split), 1), n_grid)
     sp = tl.arange(0, SP)
     dv = tl.arange(0, DV)
     lse = tl.load(LP + n * s_lpn + sp * GP + g, mask=sp < n_splits, other=float("-inf"))
@@ -212,7 +217,7 @@ def _merge_kernel(OP, LP, O, VALID, n_splits, s_opn, s_ops, s_lpn, s_ob, s_oh,
     w = tl.exp2(lse - m_safe)
     den = tl.sum(w, 0)
     o = tl.load(OP + n * s_opn + sp[:, None] * s_ops + g * DV + dv[None, :], mask=(sp < n_splits)[:, None], other=0.0)
-    o = tl.where((w > 0)[:, None], o, 0.0)  # an empty split stored garbage-free zeros, but never trust it
+    o = tl.where((w > 0)[:, None], o, 0.0)  # a split that saw no key stored zeros, but never trust it
     out = tl.sum(o * w[:, None], 0) / tl.maximum(den, 1e-30)
     if HAS_VALID:  # else every row is valid (no flag tensor, so no fill kernel per call)
         out = tl.where((tl.load(VALID + b) != 0) & (den > 0), out, 0.0)
@@ -435,8 +440,8 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         num_warps=num_warps, num_stages=num_stages,
     )
     _merge_kernel[(N, G)](
-        op, lp, out, valid, num_splits, op.stride(0), op.stride(1), lp.stride(0), out.stride(0), out.stride(1),
-        HKV=Hkv, G=G, GP=GP, DV=DV, SP=max(2, triton.next_power_of_2(num_splits)), HAS_VALID=has_valid,
+        op, lp, out, valid, seq_len, pps, num_splits, op.stride(0), op.stride(1), lp.stride(0), out.stride(0), out.stride(1),
+        HKV=Hkv, G=G, GP=GP, DV=DV, SP=max(2, triton.next_power_of_2(num_splits)), PS=PS, HAS_VALID=has_valid,
         num_warps=1,
     )
     return out
