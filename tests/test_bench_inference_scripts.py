@@ -56,6 +56,9 @@ def test_bench_shared_prefix_tiny(tmp_path):
         # one shared copy reads fewer KV bytes than W private copies of the same pruned prompt
         assert r["shared_kv_read_bytes"] < r["per_sample_dms_kv_read_bytes"]
         assert r["step_bound_speedup_vs_per_sample"] > 1
+        # the retention bias is calibrated for memory CR 8 (window included); the prefill reports what it reached
+        assert 4 < r["prefix_memory_cr"] < 16, r["prefix_memory_cr"]
+    assert s["prefix_memory_cr_16k"] == [r for r in res["rows"] if r["prompt"] == 128 and r["samples"] == 4][0]["prefix_memory_cr"]
 
 
 def test_bench_decode_real_model_row(tmp_path, tiny_dms_checkpoint_factory):
