@@ -82,7 +82,8 @@ def parse_args(argv=None):
                    help="at 32K / batch 8 also time both engines with DMS_DECODE_RESIDUAL=0 (the decoder layer's residual "
                         "adds as separate kernels instead of in the o_proj / down_proj epilogues) beside the default")
     p.add_argument("--profile", action="store_true",
-                   help="e2e: one extra eager CR-8 step at the longest context, batch 8, under torch.profiler; prefill: "
+                   help="e2e: one extra CR-8 step at the longest context, batch 8, under torch.profiler (a graph replay "
+                        "with --cuda-graphs on, else eager); prefill: "
                         "one extra run at the shortest context; device time per kernel name goes into 'profile' "
                         "rows (where the time goes)")
     return p.parse_args(argv)
@@ -467,7 +468,18 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
                         res[("cr8_unfused", ctx, B)] = time_paged_step(args, model, cache, ids, ctx, timer, fuse=False)
                         print(f"  cr8 32K/B8 graphed step: fused {ms:.2f} ms, unfused "
                               f"{res[('cr8_unfused', ctx, B)]:.2f} ms", flush=True)
-                    if profile_at == (name, ctx, B):
+                    if profile_at == (name, ctx, B) and args.cuda_graphs == "on":
+                        from dms.graphs import GraphedDecodeStep
+
+                        # one replay of the graphed step, the engine's real kernel sequence (the profiler traces the
+                        # kernels a CUDA graph launches)
+                        pos = torch.full_like(ids, ctx)
+                        with GraphedDecodeStep(model, cache, horizon=8) as gstep:
+                            gstep(ids, pos)  # eager warm step
+                            profile_call(lambda: gstep(ids, pos), rows,  # warm call: capture + replay
+                                         dict(what="decode step (graph replay)", context=ctx, batch=B, graphed_ms=ms),
+                                         top=30)
+                    elif profile_at == (name, ctx, B):
                         from dms.decode_fusion import fused_decode_ops
 
                         # the graphed step's defaults: fused elementwise ops and projections on CUDA

@@ -87,3 +87,21 @@ def test_bench_decode_real_model_row(tmp_path, tiny_dms_checkpoint_factory):
         m2(ids, past_key_values=c, use_cache=True)
         assert c.stats()["memory_cr"] == 1.0
     assert dms.dms_state(m2).config.alpha_offset == before
+
+
+skinny = pytest.importorskip("dms_scripts.bench_skinny_gemm")
+
+
+def test_bench_skinny_gemm_smoke_with_sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(skinny, "GRID", dict(bn=(16, 32), bk=(64,), warps=(2,), stages=(1,)))
+    out = tmp_path / "skinny.json"
+    assert skinny.main(["--smoke", "--sweep", "--rows", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["shape"] for r in res["rows"]] == ["qkv", "o_proj+res", "gate_up", "down+res"]
+    for r in res["rows"]:
+        # every kernel equals its PyTorch form (fp16 on the CPU interpreter) and was timed
+        assert r["default_max_err"] < 1e-2 and _pos(r["default_us"]) and _pos(r["cublas_us"])
+        assert [s["cfg"][:2] for s in r["sweep"]] == [[16, 64], [32, 64]]
+        assert all(s["max_err"] < 1e-2 for s in r["sweep"]) and r["best"] in r["sweep"]
+        assert r["weight_copies"] * r["weight_bytes"] >= 4 * res["l2_bytes"]  # each call reads DRAM, not L2
+    assert skinny.main(["--smoke", "--rows", "17", "--out", str(out)]) == 2
