@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import platform
@@ -45,6 +46,9 @@ def parse_args(argv=None):
                    help="DMS decode steps (shared and per-sample) replayed as CUDA graphs (dms.graphs)")
     p.add_argument("--plot", default=None, help="also write a PNG: decode-step ms vs samples W per prompt length")
     p.add_argument("--out", default="docs/results/shared_prefix.json")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace one graph replay of both DMS steps at prompt 16K, W=64 under torch.profiler: "
+                        "device time per kernel name and the kernel count go into 'profile' (where the time goes)")
     return p.parse_args(argv)
 
 
@@ -142,6 +146,12 @@ def main(argv=None) -> int:
     dense_model = model  # the same weights before the patch serve the dense baseline
     weight_bytes_read = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     rows = []
+    profile_rows = []
+    if args.profile:
+        spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).with_name("bench_decode.py"))
+        bench_decode = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_decode)
+        profile_call = bench_decode.profile_call
     from dms_kernels.prefix_attention import prefix_attention
 
     for P in prompts:
@@ -220,6 +230,9 @@ def main(argv=None) -> int:
                         step_fn(tok, pos)
                         pos2 = pos + 1
                         row[f"{kind}_ms"] = timeit(lambda: step_fn(tok, pos2), iters, sync)
+                        if args.profile and cuda and (P, W) == (16384, 64):
+                            profile_call(lambda: step_fn(tok, pos2), profile_rows,
+                                         dict(what=f"{kind} step", prompt=P, samples=W), top=20)
                         st = cache.stats()
                         row[f"{kind}_prefix_bytes"] = st["prefix_bytes"]
                         # KV bytes one step reads: the pruned prefix (once when shared, W copies otherwise)
@@ -291,7 +304,7 @@ def main(argv=None) -> int:
     import triton
 
     result = {
-        "name": "shared_prefix", "rows": rows, "summary": summary,
+        "name": "shared_prefix", "rows": rows, "summary": summary, "profile": profile_rows,
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
         "date": datetime.date.today().isoformat(),
