@@ -140,6 +140,19 @@ class Timer:
         return ms
 
 
+def provenance(script: str, argv=None) -> dict:
+    """The ``device``, ``versions``, ``date`` and ``command`` fields every results JSON of these benchmarks carries."""
+    import transformers
+    import triton
+
+    dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return dict(device=dev_name,
+                versions=dict(torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
+                              python=platform.python_version()),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
 def copy_bandwidth(dev, timer, nbytes):
     x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev).normal_()
     y = torch.empty_like(x)
@@ -728,10 +741,12 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def _dump(args, obj):
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+def dump_json(path, obj):
+    """Write a results JSON (folders created; NaN as null). The other bench_* scripts of decoding use it too."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
@@ -751,7 +766,7 @@ def _main(argv=None) -> int:
     rows = []
     copy_bw = copy_bandwidth(dev, timer, 4 << 30 if dev.type == "cuda" else 64 << 20)
     print(f"device copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
-    partial = lambda: _dump(args, dict(rows=rows, partial=True, copy_bandwidth_GBps=copy_bw / 1e9))  # noqa: E731
+    partial = lambda: dump_json(args.out, dict(rows=rows, partial=True, copy_bandwidth_GBps=copy_bw / 1e9))  # noqa: E731
     if args.sweep:
         sweep_kernel(args, dev, timer, copy_bw, rows)
         partial()
@@ -824,16 +839,8 @@ def _main(argv=None) -> int:
         cuda_graphs=args.cuda_graphs == "on" and dev.type == "cuda",
         copy_bandwidth_GBps=copy_bw / 1e9,
     )
-    import transformers
-    import triton
-
-    dev_name = torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu"
     result = dict(
-        summary=summary, rows=rows, device=dev_name,
-        versions=dict(torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
-                      python=platform.python_version()),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        summary=summary, rows=rows, **provenance("bench_decode.py", argv),
         notes=(f"{args.layers} decoder layers with Llama-3-8B shapes, random bf16 weights; *_32l fields extrapolate "
                "the measured per-layer step cost to 32 layers (non-layer cost measured separately). Kernel rows: "
                "one layer. Ragged CR-8 lengths: log-normal per-head kept fractions, window included, mean ctx/8; skew2 rows "
@@ -841,7 +848,7 @@ def _main(argv=None) -> int:
                "Decode-step caches are filled with random K/V in the state a prefill leaves; prefill rows run the "
                "model with retention heads calibrated to CR 8 vs never evicting."),
     )
-    _dump(args, result)
+    dump_json(args.out, result)
     if args.plot:
         plot(rows, args.plot)
     print(json.dumps(summary, indent=1))

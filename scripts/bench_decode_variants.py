@@ -14,10 +14,7 @@ per-call cost shows (batch 8 / 32, dense, ragged CR 8 and lengths skewed around 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -71,17 +68,8 @@ def main(argv=None) -> int:
             print(row, flush=True)
     finally:
         td.V_MASK_POS = saved
-    import triton
-    import transformers
-
-    doc = dict(rows=rows, copy_bandwidth_GBps=copy_bw / 1e9, device=torch.cuda.get_device_name(),
-               versions=dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
-                             python=platform.python_version()),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               command="python scripts/bench_decode_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(f"wrote {args.out}")
+    doc = dict(rows=rows, copy_bandwidth_GBps=copy_bw / 1e9, **bd.provenance("bench_decode_variants.py", argv))
+    bd.dump_json(args.out, doc)
     return 0
 
 

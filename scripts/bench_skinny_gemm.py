@@ -18,11 +18,8 @@ in L2 until the next step).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import itertools
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -152,18 +149,8 @@ def main(argv=None) -> int:
         print(f"{name:11s} {nbytes / 1e6:7.1f} MB  default {tuple(default)} {row['default_us']:7.1f} us "
               f"({row['default_bw']:.3f} bw)  cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_bw']:.3f})"
               + (f"  best {tuple(best['cfg'])} {best['us']:.1f} us ({best['bw']:.3f})" if best else ""), flush=True)
-    import transformers
-    import triton
-
-    doc = dict(rows=rows, copy_bandwidth_GBps=copy_bw / 1e9, l2_bytes=l2,
-               device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-               versions=dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
-                             python=platform.python_version()),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               command="python scripts/bench_skinny_gemm.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(f"wrote {args.out}")
+    doc = dict(rows=rows, copy_bandwidth_GBps=copy_bw / 1e9, l2_bytes=l2, **bd.provenance("bench_skinny_gemm.py", argv))
+    bd.dump_json(args.out, doc)
     return 0
 
 
