@@ -171,19 +171,25 @@ def _dense_prefix(layer) -> DMSCacheLayer:
     return out
 
 
-def _merge(o1, lse1, o2, lse2):
-    """Exact merge in fp32: ``(o, lse)`` of the union of two disjoint key sets (lse -inf: no key)."""
+def _merge(o1, lse1, o2, lse2, out_dtype=None):
+    """Exact merge in fp32: ``(o, lse)`` of the union of two disjoint key sets (lse -inf: no key); ``o`` in
+    ``out_dtype`` (default fp32). One Triton launch where the prefix kernel is Triton (on CUDA), else PyTorch."""
+    D = o1.shape[-1]
+    if (PREFIX_IMPL or ("triton" if o1.is_cuda else "reference")) == "triton" and D & (D - 1) == 0:
+        from dms_kernels.prefix_attention.triton_kernel import merge_two
+
+        return merge_two(o1, lse1, o2, lse2, out_dtype)
     m = torch.maximum(lse1, lse2)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
     tot = w1 + w2
     out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / tot.clamp(min=1e-30)[..., None]
-    return out, m + torch.log(tot)
+    return out.to(out_dtype or torch.float32), m + torch.log(tot)
 
 
 def merge_partials(o1, lse1, o2, lse2):
     """Exact merge of two attention results over disjoint key sets: ``o [..., D]``, ``lse [...]``."""
-    return _merge(o1, lse1, o2, lse2)[0].to(o1.dtype)
+    return _merge(o1, lse1, o2, lse2, o1.dtype)[0]
 
 
 def _select(keys, values, pos, evict, keep):
@@ -347,7 +353,7 @@ class SharedPrefixLayer(DMSLayerProtocol):
             self._static_left -= 1
         elif self.steps % self.compact_every == 0:  # prefix entries die only in the first `window` steps
             self._compact_prefix(self.suffix.seen[::W], window)  # seen has advanced: the next position
-        return merge_partials(o_p, lse_p, o_s, lse_s).to(query.dtype)
+        return _merge(o_p, lse_p, o_s, lse_s, query.dtype)[0]
 
 
 class SharedPrefixDMSCache(Cache):

@@ -2,7 +2,9 @@
 
 Grid ``(G * Hkv, ceil(M / BLOCK_M), splits)``: each program takes a block of the ``M = W * g`` query rows
 of one KV head and one slice of the prefix, so every prefix key block is loaded once per query block
-(once in total while ``M <= BLOCK_M``) and multiplied with a tensor-core ``tl.dot``.
+(once in total while ``M <= BLOCK_M``) and multiplied with a tensor-core ``tl.dot``. A second kernel merges the
+splits (log-sum-exp weighted); :func:`merge_two` merges two such results over disjoint key sets (prefix and
+suffix) in one launch.
 """
 from __future__ import annotations
 
@@ -65,6 +67,36 @@ def _prefix_fwd(Q, K, V, VIS, O, M_OUT, L_OUT,
     tl.store(L_OUT + pid_h * stride_mh + pid_s * stride_msplit + offs_m, l_i, mask=offs_m < M)
 
 
+@triton.jit
+def _split_merge(OP, MP, LP, O, LSE, M, n_splits, s_oh, s_os, s_om, s_mh, s_ms, s_Oh, s_Om, s_Lh,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Log-sum-exp merge of the prefix splits: o = sum_s w_s o_s / sum_s w_s with w_s = l_s exp(m_s - max),
+    # lse = max + log(sum_s w_s); rows that saw no visible key get o = 0 and lse = -inf.
+    h = tl.program_id(0)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rm < M
+    d = tl.arange(0, D)
+    top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(n_splits):
+        m_s = tl.load(MP + h * s_mh + s * s_ms + rm, mask=rmask, other=float("-inf"))
+        l_s = tl.load(LP + h * s_mh + s * s_ms + rm, mask=rmask, other=0.0)
+        top = tl.maximum(top, tl.where(l_s > 0, m_s, float("-inf")))
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for s in range(n_splits):
+        m_s = tl.load(MP + h * s_mh + s * s_ms + rm, mask=rmask, other=float("-inf"))
+        l_s = tl.load(LP + h * s_mh + s * s_ms + rm, mask=rmask, other=0.0)
+        w = tl.where(l_s > 0, l_s * tl.exp(m_s - safe), 0.0)
+        o_s = tl.load(OP + h * s_oh + s * s_os + rm[:, None] * s_om + d[None, :], mask=rmask[:, None], other=0.0)
+        acc += tl.where((w > 0)[:, None], o_s * w[:, None], 0.0)
+        den += w
+    o = acc / tl.maximum(den, 1e-30)[:, None]
+    tl.store(O + h * s_Oh + rm[:, None] * s_Om + d[None, :], o.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + h * s_Lh + rm, tl.where(den > 0, safe + tl.log(tl.maximum(den, 1e-30)), float("-inf")),
+             mask=rmask)
+
+
 def prefix_attention_grouped(q, k, v, visible, scale: float, splits: int | None = None,
                              block_m: int | None = None, block_n: int = 64, length: int | None = None):
     """Triton version of :func:`.reference.prefix_attention_grouped_reference` (same arguments/returns).
@@ -106,9 +138,57 @@ def prefix_attention_grouped(q, k, v, visible, scale: float, splits: int | None 
                       D=D, BLOCK_M=block_m, BLOCK_N=block_n,
                       # fp32 inputs get exact fp32 products (the GPU default, tf32, keeps 10 mantissa bits)
                       PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    # log-sum-exp merge of the splits
-    lse_part = m_part + torch.log(l_part)  # -inf where a split saw no visible key
-    lse = torch.logsumexp(lse_part, dim=1)  # [GH, M]
-    w = torch.exp(lse_part - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[:, None]).nan_to_num(0.0)
-    o = (o_part * w[..., None]).sum(1)
-    return o.view(G, Hkv, M, D).to(q.dtype), lse.view(G, Hkv, M)
+    # log-sum-exp merge of the splits: one launch (it was eight PyTorch ops per call)
+    o = torch.empty((G * Hkv, M, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((G * Hkv, M), dtype=torch.float32, device=q.device)
+    bm = max(16, min(32, triton.next_power_of_2(M)))
+    _split_merge[(G * Hkv, triton.cdiv(M, bm))](o_part, m_part, l_part, o, lse, M, splits,
+                                                o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                                                m_part.stride(0), m_part.stride(1), o.stride(0), o.stride(1),
+                                                lse.stride(0), D=D, BLOCK_M=bm)
+    return o.view(G, Hkv, M, D), lse.view(G, Hkv, M)
+
+
+@triton.jit
+def _merge_two(O1, L1, O2, L2, O, L, R, s_o1, s_o2, s_o, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < R
+    d = tl.arange(0, D)
+    l1 = tl.load(L1 + r, mask=rmask, other=float("-inf"))
+    l2 = tl.load(L2 + r, mask=rmask, other=float("-inf"))
+    m = tl.maximum(l1, l2)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    tot = w1 + w2
+    o1 = tl.load(O1 + r[:, None] * s_o1 + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    o2 = tl.load(O2 + r[:, None] * s_o2 + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    # a side that saw no key (weight 0) is never read as a value, whatever its o holds
+    o = (tl.where((w1 > 0)[:, None], o1 * w1[:, None], 0.0) + tl.where((w2 > 0)[:, None], o2 * w2[:, None], 0.0)) \
+        / tl.maximum(tot, 1e-30)[:, None]
+    tl.store(O + r[:, None] * s_o + d[None, :], o.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(L + r, m + tl.log(tot), mask=rmask)
+
+
+def merge_two(o1, lse1, o2, lse2, out_dtype=None):
+    """Exact merge of two attention results over disjoint key sets in one launch (Triton form of
+    ``dms.shared_prefix._merge``): ``o [..., D]`` (any float dtype), ``lse [...]`` fp32 (-inf: no key).
+    Returns ``(o in out_dtype (default fp32), lse fp32)``; a row where neither saw a key gets lse -inf and o 0."""
+    if o1.shape != o2.shape or lse1.shape != lse2.shape or o1.shape[:-1] != lse1.shape:
+        raise ValueError(f"merge_two needs o [..., D] and lse [...] of equal shapes; got {tuple(o1.shape)}, "
+                         f"{tuple(lse1.shape)}, {tuple(o2.shape)}, {tuple(lse2.shape)}")
+    D = o1.shape[-1]
+    if D & (D - 1):
+        raise ValueError(f"head dim {D} must be a power of two")
+    a1, a2 = o1.reshape(-1, D), o2.reshape(-1, D)
+    a1 = a1 if a1.stride(-1) == 1 else a1.contiguous()
+    a2 = a2 if a2.stride(-1) == 1 else a2.contiguous()
+    b1, b2 = lse1.reshape(-1).float().contiguous(), lse2.reshape(-1).float().contiguous()
+    R = a1.shape[0]
+    o = torch.empty((R, D), dtype=out_dtype or torch.float32, device=o1.device)
+    lse = torch.empty((R,), dtype=torch.float32, device=o1.device)
+    if R:
+        br = 16
+        _merge_two[(triton.cdiv(R, br),)](a1, b1, a2, b2, o, lse, R, a1.stride(0), a2.stride(0), o.stride(0), D=D,
+                                          BLOCK_R=br)
+    return o.view(o1.shape), lse.view(lse1.shape)

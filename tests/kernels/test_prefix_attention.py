@@ -108,3 +108,32 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="visible must be"):
         triton_kernel.prefix_attention_grouped(q, torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16),
                                                torch.ones(1, 2, 4, dtype=torch.bool), 0.25)
+
+
+@pytest.mark.parametrize("D,dtype_in,dtype_out", [(16, torch.float32, None), (64, torch.float16, torch.float16),
+                                                  (32, torch.float32, torch.float16)])
+def test_merge_two_matches_pytorch(D, dtype_in, dtype_out):
+    """The one-launch prefix/suffix merge equals the PyTorch form, including rows where one side or both saw no key."""
+    import dms.shared_prefix as sp
+
+    torch.manual_seed(D)
+    shape = (3, 5, 1)
+    o1, o2 = torch.randn(*shape, D, device=DEV).to(dtype_in), torch.randn(*shape, D, device=DEV).to(dtype_in)
+    l1, l2 = torch.randn(shape, device=DEV) * 3, torch.randn(shape, device=DEV) * 3
+    l1[0, 0] = float("-inf")            # only the second side saw keys
+    l2[1, 2] = float("-inf")            # only the first
+    l1[2, 4] = l2[2, 4] = float("-inf")  # neither: o 0, lse -inf
+    o1[0, 0] = o2[1, 2] = float("nan")  # a side with no key is never read as a value
+    o, lse = triton_kernel.merge_two(o1, l1, o2, l2, dtype_out)
+    saved = sp.PREFIX_IMPL
+    try:
+        sp.PREFIX_IMPL = "reference"
+        want_o, want_l = sp._merge(o1.nan_to_num(0.0), l1, o2.nan_to_num(0.0), l2, dtype_out)
+    finally:
+        sp.PREFIX_IMPL = saved
+    assert o.dtype == (dtype_out or torch.float32) and not torch.isnan(o).any()
+    torch.testing.assert_close(o.float(), want_o.float(), atol=2e-3 if dtype_out else 1e-6, rtol=0)
+    torch.testing.assert_close(lse, want_l, atol=1e-6, rtol=0)
+    assert lse[2, 4] == float("-inf") and (o[2, 4] == 0).all()
+    with pytest.raises(ValueError, match="equal shapes"):
+        triton_kernel.merge_two(o1, l1, o2[:1], l2[:1])
