@@ -167,7 +167,7 @@ def _merge_two(O1, L1, O2, L2, O, L, R, s_o1, s_o2, s_o, D: tl.constexpr, BLOCK_
     o = (tl.where((w1 > 0)[:, None], o1 * w1[:, None], 0.0) + tl.where((w2 > 0)[:, None], o2 * w2[:, None], 0.0)) \
         / tl.maximum(tot, 1e-30)[:, None]
     tl.store(O + r[:, None] * s_o + d[None, :], o.to(O.dtype.element_ty), mask=rmask[:, None])
-    tl.store(L + r, m + tl.log(tot), mask=rmask)
+    tl.store(L + r, tl.where(tot > 0, m + tl.log(tl.maximum(tot, 1e-30)), float("-inf")), mask=rmask)
 
 
 def merge_two(o1, lse1, o2, lse2, out_dtype=None):
