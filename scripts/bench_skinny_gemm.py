@@ -38,37 +38,19 @@ def shapes(smoke: bool):
             "gate_up": (4096, [14336, 14336], "gate_up"), "down+res": (14336, [4096], "residual")}
 
 
-def make_call(to, x, ws, res, kind, cfg):
-    """A closure launching the kernel of ``kind`` on ``x`` and the weights ``ws`` with ``cfg`` = (BLOCK_N,
-    BLOCK_K, warps, stages); the outputs are allocated once."""
-    import triton
+def run(x, ws, res, kind, cfg=None, reference=False):
+    """The projection of ``kind`` on ``x`` and the weights ``ws`` with ``dms_kernels.fused_ops``' Triton kernels
+    (launch config ``cfg`` = (BLOCK_N, BLOCK_K, warps, stages); default: theirs), or with ``reference=True`` its
+    PyTorch forms (what cuBLAS runs); a list of outputs."""
+    from dms_kernels.fused_ops import reference as ref
+    from dms_kernels.fused_ops import triton_ops as to
 
-    bn, bk, nw, st = cfg
-    M, K = x.shape
     if kind == "gate_up":
-        N = ws[0].shape[0]
-        y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-        return lambda: to._gate_up_silu_kernel[(triton.cdiv(N, bn),)](
-            x, ws[0], ws[1], ws[0], ws[1], y, M, K, N, x.stride(0), HAS_BIAS=False, BLOCK_M=to.SKINNY_MAX_ROWS,
-            BLOCK_N=bn, BLOCK_K=bk, IN_PREC="tf32", num_warps=nw, num_stages=st), [y]
-    Ns = [w.shape[0] for w in ws] + [0] * (3 - len(ws))
-    wsf = list(ws) + [ws[0]] * (3 - len(ws))
-    ys = [torch.empty(M, w.shape[0], device=x.device, dtype=x.dtype) for w in ws]
-    ysf = ys + [ys[0]] * (3 - len(ys))
-    P = [triton.cdiv(n, bn) for n in Ns]
-    r2 = res if res is not None else x
-    return lambda: to._grouped_linear_kernel[(sum(P),)](
-        x, *wsf, *wsf, *ysf, r2, M, K, max(Ns[0], 1), max(Ns[1], 1), max(Ns[2], 1), P[0], P[1], x.stride(0),
-        r2.stride(0), HAS_BIAS=False, BLOCK_M=to.SKINNY_MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, IN_PREC="tf32",
-        HAS_RES=res is not None, num_warps=nw, num_stages=st), ys
-
-
-def reference(x, ws, res, kind):
-    F = torch.nn.functional
-    if kind == "gate_up":
-        return [F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1])]
-    ys = [F.linear(x, w) for w in ws]
-    return [ys[0] + res] if res is not None else ys
+        return [ref.gate_up_silu_reference(x, ws[0], ws[1]) if reference else to.gate_up_silu(x, ws[0], ws[1], cfg=cfg)]
+    if kind == "residual":
+        return [ref.linear_residual_reference(x, ws[0], res) if reference
+                else to.linear_residual(x, ws[0], res, cfg=cfg)]
+    return list(ref.grouped_linear_reference(x, ws) if reference else to.grouped_linear(x, ws, cfg=cfg))
 
 
 def main(argv=None) -> int:
@@ -106,29 +88,21 @@ def main(argv=None) -> int:
         res = torch.randn(args.rows, Ns[0], generator=gen).to(dev, dtype) if kind == "residual" else None
         default = tuple(to._skinny_cfg(x, sum(Ns) if kind != "gate_up" else Ns[0], two_weights=kind == "gate_up")[:4])
 
-        def timed(cfg):
-            calls = [make_call(to, x, ws, res, kind, cfg) for ws in wsets]
+        def timed(cfg=None, reference=False):
+            """(ms per call, max error vs the PyTorch form): calls cycle through the weight copies."""
             i = [0]
 
             def step():
-                calls[i[0] % copies][0]()
+                run(x, wsets[i[0] % copies], res, kind, cfg, reference)
                 i[0] += 1
             ms = timer.graph_ms(step, inner=2 * copies, reps=10 if cuda else 1)
-            calls[0][0]()
             err = max(float((y.float() - r.float()).abs().max())
-                      for y, r in zip(calls[0][1], reference(x, wsets[0], res, kind)))
+                      for y, r in zip(run(x, wsets[0], res, kind, cfg, reference),
+                                      run(x, wsets[0], res, kind, reference=True)))
             return ms, err
 
-        def cublas():
-            i = [0]
-
-            def step():
-                reference(x, wsets[i[0] % copies], res, kind)
-                i[0] += 1
-            return timer.graph_ms(step, inner=2 * copies, reps=10 if cuda else 1)
-
         ms_d, err_d = timed(default)
-        ms_c = cublas()
+        ms_c, _ = timed(reference=True)
         row = dict(shape=name, kind=kind, rows=args.rows, K=K, N=Ns, weight_bytes=nbytes, weight_copies=copies,
                    default_cfg=list(default), default_us=ms_d * 1e3, default_bw=nbytes / (ms_d * 1e-3) / copy_bw,
                    default_max_err=err_d, cublas_us=ms_c * 1e3, cublas_bw=nbytes / (ms_c * 1e-3) / copy_bw)

@@ -174,6 +174,23 @@ def _attend_pages(q, n, j0, j1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, 
 
 
 @triton.jit
+def _splits_written(length, pages_per_split, PS: tl.constexpr):
+    # The splits of a stream of ``length`` slots that the split kernel runs (and writes): at least one, so that an
+    # empty stream merges to zeros. Splits past it (the grid is sized by the longest stream) do nothing.
+    return tl.maximum(tl.cdiv(tl.cdiv(length, PS), pages_per_split), 1)
+
+
+@triton.jit
+def _mask_rows(out, den, VALID, b, HAS_VALID: tl.constexpr):
+    # merged output of query row(s) of sequence b: zero where no key was seen or the row is padding (HAS_VALID=False:
+    # every row is valid, no flag tensor, so no fill kernel per call)
+    ok = den > 0
+    if HAS_VALID:
+        ok = ok & (tl.load(VALID + b) != 0)
+    return tl.where(ok, out, 0.0)
+
+
+@triton.jit
 def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_split,
                          s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_ops, s_lpn,
                          HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -184,9 +201,7 @@ def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_s
     h = n % HKV
     length = tl.load(LEN + n)
     n_pages = tl.cdiv(length, PS)
-    # Splits past the stream's end (the grid is sized by the longest stream) neither read nor write; split 0
-    # always writes, so that an empty stream merges to zeros. The merge reads only the splits written.
-    if split < tl.maximum(tl.cdiv(n_pages, pages_per_split), 1):
+    if split < _splits_written(length, pages_per_split, PS):  # the merge reads only these
         p0 = split * pages_per_split
         p1 = tl.minimum(p0 + pages_per_split, n_pages)
         g = tl.arange(0, GP)
@@ -208,7 +223,7 @@ def _merge_kernel(OP, LP, O, VALID, LEN, pages_per_split, n_grid, s_opn, s_ops, 
     b = n // HKV
     h = n % HKV
     # the splits written (never more than the grid had: a stream longer than max_len is cut off, not overrun)
-    n_splits = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(tl.load(LEN + n), PS), pages_per_split), 1), n_grid)
+    n_splits = tl.minimum(_splits_written(tl.load(LEN + n), pages_per_split, PS), n_grid)
     sp = tl.arange(0, SP)
     dv = tl.arange(0, DV)
     lse = tl.load(LP + n * s_lpn + sp * GP + g, mask=sp < n_splits, other=float("-inf"))
@@ -219,10 +234,7 @@ def _merge_kernel(OP, LP, O, VALID, LEN, pages_per_split, n_grid, s_opn, s_ops, 
     o = tl.load(OP + n * s_opn + sp[:, None] * s_ops + g * DV + dv[None, :], mask=(sp < n_splits)[:, None], other=0.0)
     o = tl.where((w > 0)[:, None], o, 0.0)  # a split that saw no key stored zeros, but never trust it
     out = tl.sum(o * w[:, None], 0) / tl.maximum(den, 1e-30)
-    if HAS_VALID:  # else every row is valid (no flag tensor, so no fill kernel per call)
-        out = tl.where((tl.load(VALID + b) != 0) & (den > 0), out, 0.0)
-    else:
-        out = tl.where(den > 0, out, 0.0)
+    out = _mask_rows(out, den, VALID, b, HAS_VALID)
     tl.store(O + b * s_ob + (h * G + g) * s_oh + dv, out.to(O.dtype.element_ty))
 
 
@@ -301,10 +313,7 @@ def _merge_flat_kernel(OP, LP, O, VALID, LEN, N, P, s_opn, s_lpn, s_ob, s_oh,
         den = den * w_old + w
         m = m_new
     out = acc / tl.maximum(den, 1e-30)
-    if HAS_VALID:  # else every row is valid (no flag tensor, so no fill kernel per call)
-        out = tl.where((tl.load(VALID + b) != 0) & (den > 0), out, 0.0)
-    else:
-        out = tl.where(den > 0, out, 0.0)
+    out = _mask_rows(out, den, VALID, b, HAS_VALID)
     tl.store(O + b * s_ob + (h * G + gq) * s_oh + dv, out.to(O.dtype.element_ty))
 
 

@@ -340,12 +340,13 @@ def _rows(x):
     return x2, K
 
 
-def grouped_linear(x, weights, biases=None, residual=None):
+def grouped_linear(x, weights, biases=None, residual=None, cfg=None):
     """``[x @ w.T + b for w, b in zip(weights, biases)]`` for 1-3 weights ``[N_i, K]`` in one launch (x: at most
     ``SKINNY_MAX_ROWS`` rows, same dtype as the weights). Outputs ``[..., N_i]`` like ``F.linear``.
 
     ``residual`` (one weight only): ``[..., N]`` added in the epilogue, after the product is rounded to x.dtype
-    (transformers' ``residual + proj(x)``)."""
+    (transformers' ``residual + proj(x)``). ``cfg``: (BLOCK_N, BLOCK_K, warps, stages) instead of
+    :func:`_skinny_cfg` (scripts/bench_skinny_gemm.py sweeps it)."""
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"grouped_linear takes 1 to 3 weights; got {len(weights)}")
     x2, K = _rows(x)
@@ -373,6 +374,8 @@ def grouped_linear(x, weights, biases=None, residual=None):
     Ns = [w.shape[0] for w in ws]
     Ns = Ns[:len(weights)] + [0] * (3 - len(weights))
     bn, bk, nw, st, prec = _skinny_cfg(x2, sum(Ns))
+    if cfg is not None:
+        bn, bk, nw, st = cfg
     P = [triton.cdiv(n, bn) for n in Ns]
     if M:
         _grouped_linear_kernel[(sum(P),)](x2, *ws, *bs, *ys_full, r2, M, K, max(Ns[0], 1), max(Ns[1], 1), max(Ns[2], 1),
@@ -382,15 +385,16 @@ def grouped_linear(x, weights, biases=None, residual=None):
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
-def linear_residual(x, weight, residual, bias=None):
+def linear_residual(x, weight, residual, bias=None, cfg=None):
     """``residual + F.linear(x, weight, bias)`` in one launch (:func:`grouped_linear` with one weight and a
     residual); shaped like ``residual``."""
-    y, = grouped_linear(x, [weight], None if bias is None else [bias], residual=residual)
+    y, = grouped_linear(x, [weight], None if bias is None else [bias], residual=residual, cfg=cfg)
     return y.view(residual.shape)
 
 
-def gate_up_silu(x, w_gate, w_up, b_gate=None, b_up=None):
-    """``silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)`` in one launch (x: at most ``SKINNY_MAX_ROWS`` rows)."""
+def gate_up_silu(x, w_gate, w_up, b_gate=None, b_up=None, cfg=None):
+    """``silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)`` in one launch (x: at most ``SKINNY_MAX_ROWS`` rows;
+    ``cfg`` as in :func:`grouped_linear`)."""
     x2, K = _rows(x)
     N = w_gate.shape[0]
     if w_up.shape != (N, K) or w_gate.shape != (N, K) or w_gate.dtype != x.dtype or w_up.dtype != x.dtype \
@@ -401,6 +405,8 @@ def gate_up_silu(x, w_gate, w_up, b_gate=None, b_up=None):
     M = x2.shape[0]
     y = _new((M, N), x.dtype, x.device)
     bn, bk, nw, st, prec = _skinny_cfg(x2, N, two_weights=True)
+    if cfg is not None:
+        bn, bk, nw, st = cfg
     if M:
         _gate_up_silu_kernel[(triton.cdiv(N, bn),)](x2, w_gate, w_up, b_gate if has_bias else w_gate,
                                                    b_up if has_bias else w_up, y, M, K, N, x2.stride(0),
