@@ -162,14 +162,24 @@ def sweep(args):
     flops_f = 2 * 2 * B * args.heads * L * L * args.head_dim / 2
 
     def cfg(s):
-        bm, bn, w, st = (int(x) for x in s.split(","))
-        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        # "BLOCK_M,BLOCK_N,warps,stages[,t|p]": t forces tensor-descriptor (TMA) loads, p pointer loads
+        parts = s.split(",")
+        bm, bn, w, st = (int(x) for x in parts[:4])
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        if len(parts) > 4:
+            c["tma"] = parts[4] == "t"
+        return c
 
     cands = {
         "fwd": ["128,128,8,3", "128,64,8,3", "64,64,4,3"],
         "dkdv": ["32,64,4,3", "32,128,8,3"],
         "dq": ["128,64,8,3", "128,128,8,2", "64,64,4,2"],
     }
+    if args.sweep_cands:  # "fwd=c1;c2|dkdv=...|dq=..."
+        cands = {}
+        for part in args.sweep_cands.split("|"):
+            kern, vals = part.split("=")
+            cands[kern.strip()] = [x.strip() for x in vals.split(";") if x.strip()]
     launch = {
         "fwd": lambda c, dms: (setattr(tf, "FWD_CONFIG_OVERRIDE", c), tf.dms_attention_fwd(q, k, v, lk, W, None, scale, dms)),
         "dkdv": lambda c, dms: tb.launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, None, scale, dms, c),
@@ -180,19 +190,22 @@ def sweep(args):
     print("kernel config        dms(mma bias)  dms(elementwise)  nomask   [ms, L=8192]", flush=True)
     for kern, vals in cands.items():
         for val in vals:
-            try:
-                res = []
-                for dms, mma in ((True, "1"), (True, "0"), (False, "1")):
-                    # the dK/dV kernel's matmul bias has its own switch (off by default): on in the mma column
-                    os.environ["DMS_ATTN_BIAS_MMA"] = os.environ["DMS_ATTN_DKDV_BIAS_MMA"] = mma
+            res = []
+            for dms, mma in ((True, "1"), (True, "0"), (False, "1")):
+                # the dK/dV kernel's matmul bias has its own switch (off by default): on in the mma column
+                os.environ["DMS_ATTN_BIAS_MMA"] = os.environ["DMS_ATTN_DKDV_BIAS_MMA"] = mma
+                try:
                     res.append(_time(lambda: launch[kern](cfg(val), dms), budget_s=0.25)[0])
-                os.environ.pop("DMS_ATTN_BIAS_MMA")
-                os.environ.pop("DMS_ATTN_DKDV_BIAS_MMA")
-                rows.append((kern, val, *res))
-                print(f"{kern:5s} {val:12s} {res[0]:9.3f} {res[1]:14.3f} {res[2]:12.3f}   "
-                      f"dms/nomask {res[0] / res[2]:.3f}  {mult[kern] * flops_f / res[0] * 1e-9:6.1f} TF/s", flush=True)
-            except Exception as exc:  # noqa: BLE001 - report a config that fails to compile/run and go on
-                print(f"{kern:5s} {val:12s} failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                except Exception as exc:  # noqa: BLE001 - a config that fails to compile/run: report, go on
+                    print(f"{kern:5s} {val:14s} dms={dms} mma={mma} failed: {type(exc).__name__}: {str(exc)[:100]}",
+                          flush=True)
+                    res.append(float("nan"))
+            os.environ.pop("DMS_ATTN_BIAS_MMA")
+            os.environ.pop("DMS_ATTN_DKDV_BIAS_MMA")
+            rows.append((kern, val, *res))
+            best = min((x for x in res[:2] if x == x), default=float("nan"))
+            print(f"{kern:5s} {val:14s} {res[0]:9.3f} {res[1]:14.3f} {res[2]:12.3f}   "
+                  f"dms/nomask {best / res[2]:.3f}  {mult[kern] * flops_f / best * 1e-9:6.1f} TF/s", flush=True)
     tf.FWD_CONFIG_OVERRIDE = None
     return rows
 
@@ -601,6 +614,9 @@ def build_parser():
     ap.add_argument("--flex-lengths", default=None, help="lengths at which to run flex (default: all)")
     ap.add_argument("--out", default=None, help="default docs/results/train_attention.json")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-cands", default=None,
+                    help='with --sweep: candidates as "fwd=BM,BN,warps,stages[,t|p];...|dkdv=...|dq=..." '
+                         "(t: TMA loads, p: pointer loads, omitted: the default for the device)")
     ap.add_argument("--pick-fwd", default=None,
                     help="'BM,BN,warps,stages;...': time these forward configs at L=8192 first and run with the fastest")
     ap.add_argument("--pick-out", default=None, help="write the picked forward config here")

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tma import ensure_allocator, use_tma
 from .triton_fwd import LOG2E, _INTERPRET, _empty, _env_cfg, _in_prec, bias_mma_enabled, split_log_keep
 
 
@@ -44,7 +45,7 @@ def _bwd_delta_kernel(O, DO, DLSE, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK: tl.c
 def _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
                 qdoc_ptr, stride_qt, start, end, T, W, qk_scale,
                 MODE: tl.constexpr, HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr,
-                BLOCK_M: tl.constexpr, IN_PREC: tl.constexpr):
+                BLOCK_M: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr = False):
     # MODE 4 is FAR with log_keep added by the tensor cores: the program's keys are the rows of the tile, so
     # the K=16 product is lkr[BLOCK_N, 16] x ones_t[16, BLOCK_M] (columns / rows 0, 1: the hi and lo parts of
     # log_keep / scale, see triton_fwd.split_log_keep), both loaded once per program.
@@ -56,7 +57,10 @@ def _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr,
     for m0 in tl.range(start, end, BLOCK_M):
         offs_m = m0 + offs_m0
         rmask = offs_m < T
-        qt = tl.load(q_ptr + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rmask[None, :], other=0.0)
+        if USE_TMA:  # q_ptr / do_ptr are tensor descriptors of this head's [T, D] rows (zero past T)
+            qt = tl.trans(q_ptr.load([m0, 0]))
+        else:
+            qt = tl.load(q_ptr + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rmask[None, :], other=0.0)
         # Padded rows get lse = +inf, hence p = 0 there.
         lse = lse_next * 1.4426950408889634
         delta = delta_next
@@ -78,7 +82,10 @@ def _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr,
             qdoc = tl.load(qdoc_ptr + offs_m, mask=rmask, other=-2)
             st = tl.where(kdoc[:, None] == qdoc[None, :], st, float("-inf"))
         pt = tl.math.exp2(st * qk_scale - lse[None, :])
-        do = tl.load(do_ptr + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        if USE_TMA:
+            do = do_ptr.load([m0, 0])
+        else:
+            do = tl.load(do_ptr + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rmask[:, None], other=0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=IN_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=IN_PREC)
         dst = pt * (dpt - delta[None, :])
@@ -97,7 +104,7 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
                          H, T, W, qk_scale, sm_scale,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr,
-                         FAR_MODE: tl.constexpr):
+                         FAR_MODE: tl.constexpr, USE_TMA: tl.constexpr = False):
     # Key block 0 walks the most query tiles: start it first.
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -148,22 +155,27 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
         h = hk * GROUP + g
         q_ptr = Q + b64 * sqb + h.to(tl.int64) * sqh
         do_ptr = DO + b64 * sqb + h.to(tl.int64) * sqh
+        if USE_TMA:
+            q_ptr = tl.make_tensor_descriptor(q_ptr, shape=[T, HEAD_DIM], strides=[sqt, 1],
+                                              block_shape=[BLOCK_M, HEAD_DIM])
+            do_ptr = tl.make_tensor_descriptor(do_ptr, shape=[T, HEAD_DIM], strides=[sqt, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
         row = (b64 * H + h) * T
         lse_ptr = LSE + row
         delta_ptr = DELTA + row
         dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                   delta_ptr, qdoc_ptr, sqt, n0, diag_end, T, W, qk_scale,
-                                  3, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
+                                  3, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA)
         dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                   delta_ptr, qdoc_ptr, sqt, diag_end, near_end, T, W, qk_scale,
-                                  0, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
+                                  0, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA)
         if HAS_DMS:
             dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                       delta_ptr, qdoc_ptr, sqt, near_end, far_start, T, W, qk_scale,
-                                      2, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
+                                      2, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA)
             dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                       delta_ptr, qdoc_ptr, sqt, far_start, hi, T, W, qk_scale,
-                                      FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC)
+                                      FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=nmask[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=nmask[:, None])
     tl.store(DLK + bhk.to(tl.int64) * T + offs_n, dlk, mask=nmask)
@@ -173,8 +185,9 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
 def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, stride_kt,
               start, end, T, W, qk_scale,
               MODE: tl.constexpr, HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr,
-              BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr):
+              BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr = False):
     # MODE 4 is FAR with log_keep added by the tensor cores (see triton_fwd._fwd_tiles).
+    # USE_TMA: k_ptr / v_ptr are tensor descriptors of the KV head's [T, D] rows (zero past T).
     offs_n0 = tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
     if HAS_DMS and MODE % 4 != 0:
@@ -187,7 +200,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_p
             lk = lk_next * lk_mul
             nxt = offs_n + BLOCK_N
             lk_next = tl.load(lk_ptr + nxt, mask=nxt < T, other=0.0)
-        if MODE == 3:
+        if USE_TMA:
+            kt = tl.trans(k_ptr.load([n0, 0]))
+            vt = tl.trans(v_ptr.load([n0, 0]))
+        elif MODE == 3:
             kt = tl.load(k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
             vt = tl.load(v_ptr + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
         else:
@@ -221,7 +237,7 @@ def _dms_bwd_dq_kernel(Q, K, V, LK, LK2, DOC, FIRST, DO, LSE, DELTA, DQ,
                        H, T, W, qk_scale, sm_scale,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr,
-                       FAR_MODE: tl.constexpr):
+                       FAR_MODE: tl.constexpr, USE_TMA: tl.constexpr = False):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -239,6 +255,9 @@ def _dms_bwd_dq_kernel(Q, K, V, LK, LK2, DOC, FIRST, DO, LSE, DELTA, DQ,
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
     k_ptr = K + b64 * skb + hk.to(tl.int64) * skh
     v_ptr = V + b64 * skb + hk.to(tl.int64) * skh
+    if USE_TMA:
+        k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
     lk_ptr = LK + (b64 * (H // GROUP) + hk) * T
     lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * T
     c16 = tl.arange(0, 16)[None, :] + tl.zeros([BLOCK_M, 16], dtype=tl.int32)
@@ -260,15 +279,15 @@ def _dms_bwd_dq_kernel(Q, K, V, LK, LK2, DOC, FIRST, DO, LSE, DELTA, DQ,
         x_end = ((tl.maximum(m0 + BLOCK_M - 1 - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
         x_end = tl.minimum(tl.maximum(x_end, f_end), m0)
         dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                       lo, f_end, T, W, qk_scale, FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                       lo, f_end, T, W, qk_scale, FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC, USE_TMA)
         dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                       f_end, x_end, T, W, qk_scale, 2, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                       f_end, x_end, T, W, qk_scale, 2, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC, USE_TMA)
     else:
         x_end = lo
     dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                   x_end, m0, T, W, qk_scale, 0, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                   x_end, m0, T, W, qk_scale, 0, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC, USE_TMA)
     dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                   m0, hi, T, W, qk_scale, 3, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                   m0, hi, T, W, qk_scale, 3, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC, USE_TMA)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
 
 
@@ -276,8 +295,9 @@ def _dms_bwd_dq_kernel(Q, K, V, LK, LK2, DOC, FIRST, DO, LSE, DELTA, DQ,
 BWD_CONFIG_OVERRIDE: dict | None = None
 
 
-def bwd_config(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
-    """(dK/dV/dlog_keep config with BLOCK_N keys x BLOCK_M query tiles, dQ config)."""
+def bwd_config(D: int, dtype: torch.dtype, tma: bool = False) -> tuple[dict, dict]:
+    """(dK/dV/dlog_keep config with BLOCK_N keys x BLOCK_M query tiles, dQ config); ``tma``: the kernels will
+    read through tensor descriptors (:mod:`dms_kernels.tma`)."""
     if BWD_CONFIG_OVERRIDE is not None:
         return dict(BWD_CONFIG_OVERRIDE["dkdv"]), dict(BWD_CONFIG_OVERRIDE["dq"])
     e1, e2 = _env_cfg("DMS_ATTN_DKDV_CFG"), _env_cfg("DMS_ATTN_DQ_CFG")
@@ -298,6 +318,11 @@ def bwd_config(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
         # (no mask 10.2 ms); dQ 128x64/8 warps/3 stages 5.45 ms without the DMS term, 128x128 5.77 ms.
         d1 = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)
         d2 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        if tma:
+            # H100, same shape, DMS on (--sweep, session 8), ms with the matmul / elementwise log_keep add and
+            # without the DMS term: dK/dV 32x64/4/3 TMA 10.46 / 9.91 / 8.76 vs pointer loads 11.62 / 10.68 / 10.30
+            # (64x128/8/2 TMA 18.1); dQ 128x128/8/2 TMA 6.83 / 7.51 / 5.81 vs 128x64/8/3 pointer 8.38 / 7.96 / 5.48.
+            d2 = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
     return e1 or d1, e2 or d2
 
 
@@ -323,7 +348,7 @@ def dms_attention_bwd(do, q, k, v, lk, o, lse, window, docs, scale, has_dms=True
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     dlk = _empty((B, hkv, T), torch.float32, q.device)
-    c1, c2 = bwd_config(D, q.dtype)
+    c1, c2 = bwd_config(D, q.dtype, tma=use_tma(q, do) and use_tma(k, v))
     launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dms, c1, lk2)
     launch_dq(q, k, v, lk, do, lse, delta, dq, W, docs, scale, has_dms, c2, lk2)
     return dq, dk, dv, dlk
@@ -349,12 +374,15 @@ def launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dm
     if bias_mma and lk2 is None:
         lk2 = split_log_keep(lk, scale, q.dtype)
     doc, first, last = docs if docs is not None else (lse, lse, lse)
+    tma = cfg.get("tma", use_tma(q, do))
+    if tma:
+        ensure_allocator()
     _dms_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * k.shape[1])](
         q, k, v, lk, lk2 if bias_mma else q, doc, last, do, lse, delta, dk, dv, dlk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         H, T, W, scale * LOG2E, scale,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        FAR_MODE=4 if bias_mma else 1, **_common(q, k, docs, has_dms))
+        FAR_MODE=4 if bias_mma else 1, USE_TMA=tma, **_common(q, k, docs, has_dms))
 
 
 def launch_dq(q, k, v, lk, do, lse, delta, dq, W, docs, scale, has_dms, cfg, lk2=None):
@@ -365,9 +393,12 @@ def launch_dq(q, k, v, lk, do, lse, delta, dq, W, docs, scale, has_dms, cfg, lk2
         lk2 = split_log_keep(lk, scale, q.dtype)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0
     doc, first, last = docs if docs is not None else (lse, lse, lse)
+    tma = cfg.get("tma", use_tma(k, v))
+    if tma:
+        ensure_allocator()
     _dms_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
         q, k, v, lk, lk2 if bias_mma else lk, doc, first, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         H, T, W, scale * LOG2E, scale,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        FAR_MODE=4 if bias_mma else 1, **_common(q, k, docs, has_dms))
+        FAR_MODE=4 if bias_mma else 1, USE_TMA=tma, **_common(q, k, docs, has_dms))

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tma import ensure_allocator, tma_forced, use_tma
+
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -52,7 +54,8 @@ NEAR, FAR, MIXED, DIAG, FAR_MMA, GATHERED_TAIL = 0, 1, 2, 3, 4, 5
 def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, stride_kt,
                start, end, T, W, qk_scale, flag_ptr,
                MODE: tl.constexpr, HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr,
-               BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr, HAS_FLAGS: tl.constexpr = False):
+               BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr, HAS_FLAGS: tl.constexpr = False,
+               USE_TMA: tl.constexpr = False):
     # MODE 4 is FAR with log_keep added by the tensor cores; modes 1-3 add it elementwise; MODE 5 is the
     # last tile of a gathered FAR region (columns >= T masked: there T is the number of gathered keys).
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -71,7 +74,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
             nxt = offs_n + BLOCK_N
             lk_next = tl.load(lk_ptr + nxt, mask=nxt < T, other=0.0)
         # K loaded transposed [D, BLOCK_N]; only diagonal (and gathered tail) tiles can run past T.
-        if MODE == 3 or MODE == 5:
+        if USE_TMA:  # k_ptr / v_ptr are tensor descriptors of [rows, D] (zero past their rows)
+            kt = tl.trans(k_ptr.load([n0, 0]))
+        elif MODE == 3 or MODE == 5:
             kt = tl.load(k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
         else:
             kt = tl.load(k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None])
@@ -108,7 +113,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MODE == 3 or MODE == 5:
+        if USE_TMA:
+            v = v_ptr.load([n0, 0])
+        elif MODE == 3 or MODE == 5:
             v = tl.load(v_ptr + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kmask[:, None], other=0.0)
         else:
             v = tl.load(v_ptr + offs_n[:, None] * stride_kt + offs_d[None, :])
@@ -123,7 +130,8 @@ def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS, KC, VC, CUM,
                     H, T, W, qk_scale,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr,
-                    FAR_MODE: tl.constexpr, HAS_FLAGS: tl.constexpr = False, GATHERED: tl.constexpr = False):
+                    FAR_MODE: tl.constexpr, HAS_FLAGS: tl.constexpr = False, GATHERED: tl.constexpr = False,
+                    USE_TMA: tl.constexpr = False):
     # Longest rows first: causal programs near the end of the sequence do the most tiles.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -138,6 +146,9 @@ def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS, KC, VC, CUM,
     q_ptr = Q + b64 * sqb + h.to(tl.int64) * sqh
     k_ptr = K + b64 * skb + hk.to(tl.int64) * skh
     v_ptr = V + b64 * skb + hk.to(tl.int64) * skh
+    if USE_TMA:
+        k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
     lk_ptr = LK + (b64 * (H // GROUP) + hk) * T
     lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * T
     flag_ptr = FLAGS + (b64 * (H // GROUP) + hk) * tl.cdiv(T, BLOCK_N)
@@ -168,26 +179,34 @@ def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS, KC, VC, CUM,
             sl = (b64 * (H // GROUP) + hk) * T
             kc_ptr = KC + sl * HEAD_DIM
             vc_ptr = VC + sl * HEAD_DIM
+            if USE_TMA:
+                kc_ptr = tl.make_tensor_descriptor(kc_ptr, shape=[T, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                                   block_shape=[BLOCK_N, HEAD_DIM])
+                vc_ptr = tl.make_tensor_descriptor(vc_ptr, shape=[T, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                                   block_shape=[BLOCK_N, HEAD_DIM])
             n_far = tl.load(CUM + (b64 * (H // GROUP) + hk) * (T + 1) + f_end)
             n_full = (n_far // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m,
                                        offs_d, HEAD_DIM, 0, n_full, T, W, qk_scale, flag_ptr, 0, HAS_DMS, HAS_DOC,
-                                       BLOCK_N, IN_PREC)
+                                       BLOCK_N, IN_PREC, USE_TMA=USE_TMA)
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m,
                                        offs_d, HEAD_DIM, n_full, n_far, n_far, W, qk_scale, flag_ptr, 5, HAS_DMS,
-                                       HAS_DOC, BLOCK_N, IN_PREC)
+                                       HAS_DOC, BLOCK_N, IN_PREC, USE_TMA=USE_TMA)
         else:
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m,
                                        offs_d, skt, lo, f_end, T, W, qk_scale, flag_ptr, FAR_MODE, HAS_DMS, HAS_DOC,
-                                       BLOCK_N, IN_PREC, HAS_FLAGS)
+                                       BLOCK_N, IN_PREC, HAS_FLAGS, USE_TMA=USE_TMA)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                                   f_end, x_end, T, W, qk_scale, flag_ptr, 2, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                                   f_end, x_end, T, W, qk_scale, flag_ptr, 2, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC,
+                                   USE_TMA=USE_TMA)
     else:
         x_end = lo
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                               x_end, m0, T, W, qk_scale, flag_ptr, 0, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                               x_end, m0, T, W, qk_scale, flag_ptr, 0, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC,
+                               USE_TMA=USE_TMA)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, qdoc, offs_m, offs_d, skt,
-                               m0, hi, T, W, qk_scale, flag_ptr, 3, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC)
+                               m0, hi, T, W, qk_scale, flag_ptr, 3, HAS_DMS, HAS_DOC, BLOCK_N, IN_PREC,
+                               USE_TMA=USE_TMA)
     # Every valid row sees its own key, so l_i > 0 there; padded rows are not stored.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -349,6 +368,11 @@ def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, 
         lk2 = split_log_keep(lk, scale, q.dtype)
     flags = hard_tile_flags(lk, bn) if (hard and bias_mma and hard_tile_flags_enabled()) else None
     kc, vc, cum = gather_kept(k, v, lk) if gathered else (lse, lse, lse)
+    # H100, L=8192 (bench --sweep, session 8): descriptor loads made this forward slower with the DMS term
+    # (128x128/8/2: 6.21 vs 5.67 ms) and at most 5% faster without it, so they are opt-in (DMS_ATTN_TMA=1).
+    tma = cfg.get("tma", tma_forced() and use_tma(k, v))
+    if tma:
+        ensure_allocator()
     grid = (triton.cdiv(T, bm), B * H)
     _dms_fwd_kernel[grid](
         q, k, v, lk, lk2 if bias_mma else lk, doc, first, o, lse, flags if flags is not None else lse, kc, vc, cum,
@@ -357,6 +381,7 @@ def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, 
         H, T, W, scale * LOG2E,
         GROUP=H // hkv, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
         HAS_DMS=has_dms, HAS_DOC=docs is not None, IN_PREC=_in_prec(q.dtype), FAR_MODE=4 if bias_mma else 1,
-        HAS_FLAGS=flags is not None, GATHERED=gathered, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_FLAGS=flags is not None, GATHERED=gathered, USE_TMA=tma,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
