@@ -6,9 +6,9 @@ rows past the described shape read as zero. The kernels build their descriptors 
 and head, so any row stride works), which needs a small global scratch buffer that Triton obtains through the
 allocator set by ``triton.set_allocator``: :func:`ensure_allocator` installs a torch-backed one where none is set.
 
-``DMS_ATTN_TMA``: ``auto`` (default: on for 16-bit inputs on sm90+ in the kernels where it measured faster), ``0`` off,
-``1`` on in every kernel that has the option, wherever the layout allows
-(also under ``TRITON_INTERPRET=1``, which is how the CPU tests run the TMA code paths).
+``DMS_ATTN_TMA`` (training-attention kernels): ``auto`` (default: on for 16-bit inputs on sm90+), ``0`` off, ``1`` on
+wherever the layout allows, also under ``TRITON_INTERPRET=1`` (how the CPU tests run the descriptor code paths).
+The decode kernel has its own switch (``DMS_DECODE_TMA``, off: slower there on the H100).
 """
 from __future__ import annotations
 
@@ -43,15 +43,10 @@ def _mode() -> str:
     return m
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    # descriptor base and every non-unit stride must be 16-byte multiples; the last dim contiguous
+def aligned(t: torch.Tensor) -> bool:
+    """Descriptor base and every outer stride are 16-byte multiples and the last dim is contiguous (TMA's rules)."""
     es = t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
-
-
-def tma_forced() -> bool:
-    """``DMS_ATTN_TMA=1``: kernels whose default is pointer loads use descriptors too (experiments, CPU tests)."""
-    return _mode() == "1"
 
 
 def use_tma(*tensors: torch.Tensor) -> bool:
@@ -60,7 +55,7 @@ def use_tma(*tensors: torch.Tensor) -> bool:
     if mode == "0" or not tensors:
         return False
     t0 = tensors[0]
-    if not all(_aligned(t) for t in tensors):
+    if not all(aligned(t) for t in tensors):
         return False
     if mode == "1":
         return True

@@ -7,7 +7,9 @@ per-call cost shows (batch 8 / 32, dense, ragged CR 8 and lengths skewed around 
 
 - ``vmask_pos``: V tiles masked by slot position as well as the stream length (``V_MASK_POS=True``);
 - ``default``: masked by the stream length only (the default);
-- ``stages3`` / ``warps8``: the default with 3 pipeline stages / 8 warps.
+- ``stages3`` / ``warps8``: the default with 3 pipeline stages / 8 warps;
+- ``tma`` / ``tma_stages3`` / ``tma_stages4``: pages read by bulk copies through tensor descriptors (``use_tma=True``),
+  2 / 3 / 4 stages.
 
     python scripts/bench_decode_variants.py --out docs/results/decode_kernel_variants.json
 """
@@ -27,6 +29,9 @@ VARIANTS = {
     "default": (False, {}),
     "stages3": (False, dict(num_stages=3)),
     "warps8": (False, dict(num_warps=8)),
+    "tma": (False, dict(use_tma=True)),
+    "tma_stages3": (False, dict(use_tma=True, num_stages=3)),
+    "tma_stages4": (False, dict(use_tma=True, num_stages=4)),
 }
 
 

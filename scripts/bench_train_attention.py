@@ -168,6 +168,8 @@ def sweep(args):
         c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
         if len(parts) > 4:
             c["tma"] = parts[4] == "t"
+        if len(parts) > 5:  # dK/dV only: "s" sums d log_keep per tile (DLK_TILE), "r" reduces per query tile
+            c["dlk_tile"] = parts[5] == "s"
         return c
 
     cands = {
@@ -615,8 +617,9 @@ def build_parser():
     ap.add_argument("--out", default=None, help="default docs/results/train_attention.json")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-cands", default=None,
-                    help='with --sweep: candidates as "fwd=BM,BN,warps,stages[,t|p];...|dkdv=...|dq=..." '
-                         "(t: TMA loads, p: pointer loads, omitted: the default for the device)")
+                    help='with --sweep: candidates as "fwd=BM,BN,warps,stages[,t|p];...|dkdv=...[,t|p[,s|r]]|dq=..." '
+                         "(t: TMA loads, p: pointer loads, omitted: the default for the device; dkdv's s|r: "
+                         "d log_keep summed per tile or reduced per query tile)")
     ap.add_argument("--pick-fwd", default=None,
                     help="'BM,BN,warps,stages;...': time these forward configs at L=8192 first and run with the fastest")
     ap.add_argument("--pick-out", default=None, help="write the picked forward config here")

@@ -130,9 +130,10 @@ def paged_append(k_new, v_new, logits, valid, seen, k_pool, v_pool, pos_pool, bl
 @triton.jit
 def _attend_pages(q, n, j0, j1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, s_vp, s_vt, s_bt,
                   GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PS: tl.constexpr, IEEE: tl.constexpr,
-                  V_MASK_POS: tl.constexpr):
+                  V_MASK_POS: tl.constexpr, USE_TMA: tl.constexpr = False):
     # Online softmax of the GP query rows ``q`` over pages [j0, j1) of stream n: (o [GP, DV], lse [GP] in log2
-    # units, -inf where nothing was seen).
+    # units, -inf where nothing was seen). USE_TMA: KP / VP are tensor descriptors of the pools viewed as
+    # [pages * PS, D] rows with [PS, D] blocks (one bulk copy per page).
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     t = tl.arange(0, PS)
@@ -141,7 +142,10 @@ def _attend_pages(q, n, j0, j1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, 
     acc = tl.zeros([GP, DV], tl.float32)
     for j in range(j0, j1):
         page = tl.load(BT + n * s_bt + j).to(tl.int64)
-        k = tl.load(KP + page * s_kp + t[:, None] * s_kt + d[None, :])
+        if USE_TMA:
+            k = KP.load([(page * PS).to(tl.int32), 0])
+        else:
+            k = tl.load(KP + page * s_kp + t[:, None] * s_kt + d[None, :])
         pos = tl.load(POSP + page * PS + t)
         inside = (j * PS + t) < length
         ok = inside & (pos >= 0)
@@ -149,7 +153,9 @@ def _attend_pages(q, n, j0, j1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, 
         # a stream (pos < 0) hold an evicted token's finite values (pools start zeroed): by default they are left
         # unmasked (their probability is 0), so that the V load does not wait for the positions
         # (V_MASK_POS=True masks them too; see the module constant).
-        if V_MASK_POS:
+        if USE_TMA:  # a bulk copy cannot mask rows: zero them after the load instead
+            v = tl.where((ok if V_MASK_POS else inside)[:, None], VP.load([(page * PS).to(tl.int32), 0]), 0.0)
+        elif V_MASK_POS:
             v = tl.load(VP + page * s_vp + t[:, None] * s_vt + dv[None, :], mask=ok[:, None], other=0.0)
         else:
             v = tl.load(VP + page * s_vp + t[:, None] * s_vt + dv[None, :], mask=inside[:, None], other=0.0)
@@ -194,7 +200,8 @@ def _mask_rows(out, den, VALID, b, HAS_VALID: tl.constexpr):
 def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_split,
                          s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_ops, s_lpn,
                          HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                         PS: tl.constexpr, IEEE: tl.constexpr, V_MASK_POS: tl.constexpr = False):
+                         PS: tl.constexpr, IEEE: tl.constexpr, V_MASK_POS: tl.constexpr = False,
+                         USE_TMA: tl.constexpr = False):
     n = tl.program_id(0)
     split = tl.program_id(1)
     b = n // HKV
@@ -209,7 +216,7 @@ def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_s
         dv = tl.arange(0, DV)
         q = tl.load(Q + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g[:, None] < G, other=0.0)
         o, lse = _attend_pages(q, n, p0, p1, length, KP, VP, POSP, BT, qk_scale, s_kp, s_kt, s_vp, s_vt, s_bt,
-                               GP, D, DV, PS, IEEE, V_MASK_POS)
+                               GP, D, DV, PS, IEEE, V_MASK_POS, USE_TMA)
         tl.store(OP + n * s_opn + split * s_ops + g[:, None] * DV + dv[None, :], o, mask=g[:, None] < G)
         tl.store(LP + n * s_lpn + split * GP + g, lse, mask=g < G)
 
@@ -338,6 +345,31 @@ KERNELS = ("split", "flat")
 V_MASK_POS = False
 
 
+def decode_tma_default(device) -> bool:
+    """Page loads through tensor descriptors by default? ``DMS_DECODE_TMA=1`` turns them on; off otherwise: on the
+    H100 they read slower on every row of ``scripts/bench_decode_variants.py`` (session 8, fractions of copy
+    bandwidth, batch 8: dense 8K 0.846 vs 0.872, skewed 8K 0.764 vs 0.794, CR 8 32K 0.743 vs 0.777)."""
+    env = os.environ.get("DMS_DECODE_TMA", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"DMS_DECODE_TMA={env!r}; use 0 or 1")
+    return env == "1"
+
+
+def _pool_descriptors(k_pool, v_pool):
+    """Host tensor descriptors of the pools as ``[pages * PS, D]`` rows with ``[PS, D]`` blocks, or None when
+    the layout does not allow them (pages not contiguous rows, unaligned, too many rows for int32 coordinates)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from ..tma import aligned
+
+    ps = k_pool.shape[1]
+    for p in (k_pool, v_pool):
+        if p.stride(0) != ps * p.stride(1) or not aligned(p) or p.shape[0] * ps >= 2 ** 31:
+            return None
+    return tuple(TensorDescriptor(p, [p.shape[0] * ps, p.shape[2]], [p.stride(1), 1], [ps, p.shape[2]])
+                 for p in (k_pool, v_pool))
+
+
 def default_kernel() -> str:
     """``DMS_DECODE_KERNEL`` (split / flat), else ``split``."""
     k = os.environ.get("DMS_DECODE_KERNEL", "split")
@@ -355,7 +387,8 @@ def _num_sms(device) -> int:
 def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, scale: float, valid=None,
                            max_len: int | None = None, num_splits: int | None = None,
                            pages_per_split: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, kernel: str | None = None, flat_programs: int | None = None):
+                           num_stages: int | None = None, kernel: str | None = None, flat_programs: int | None = None,
+                           use_tma: bool | None = None):
     """Decode attention over the paged store (Triton). Arguments as :func:`reference.paged_decode_attention_reference`.
 
     Args:
@@ -369,6 +402,9 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         num_warps / num_stages: Triton launch options (defaults: ``DEFAULT_WARPS`` / ``DEFAULT_STAGES``).
         kernel: ``split`` or ``flat`` (module docstring; default :func:`default_kernel`); flat_programs: the
         flat grid (default ``FLAT_PROGRAMS_PER_SM`` x SMs); the split options above do not apply to it.
+        use_tma: ``split`` kernel only: read pages through tensor descriptors (one bulk copy per page); None
+            (default) follows :func:`decode_tma_default` where the pool layout allows, True insists (error if
+            the layout does not allow), False never.
     Returns:
         ``[B, H, DV]`` in q.dtype.
     """
@@ -441,11 +477,17 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
     op = _empty((N, num_splits, GP, DV), torch.float32, q.device)
     lp = _empty((N, num_splits, GP), torch.float32, q.device)
     out = _empty((B, H, DV), q.dtype, q.device)
+    want_tma = decode_tma_default(q.device) if use_tma is None else bool(use_tma)
+    tma = _pool_descriptors(k_pool, v_pool) if want_tma else None
+    if use_tma and tma is None:
+        raise ValueError("use_tma=True needs pools whose pages are contiguous [pages, PS, D] rows with 16-byte "
+                         "aligned strides; pass use_tma=None to fall back to pointer loads")
+    kp_arg, vp_arg = tma if tma is not None else (k_pool, v_pool)
     _decode_split_kernel[(N, num_splits)](
-        q, k_pool, v_pool, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, pps,
+        q, kp_arg, vp_arg, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, pps,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         block_table.stride(0), op.stride(0), op.stride(1), lp.stride(0),
-        HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, IEEE=ieee, V_MASK_POS=V_MASK_POS,
+        HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, IEEE=ieee, V_MASK_POS=V_MASK_POS, USE_TMA=tma is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     _merge_kernel[(N, G)](

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ..tma import ensure_allocator, use_tma
-from .triton_fwd import LOG2E, _INTERPRET, _empty, _env_cfg, _in_prec, bias_mma_enabled, split_log_keep
+from .triton_fwd import (LOG2E, _INTERPRET, _bias_rows, _check_lk2, _empty, _env_cfg, _in_prec, bias_mma_enabled,
+                         lk2_descriptor, split_log_keep)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -45,7 +46,8 @@ def _bwd_delta_kernel(O, DO, DLSE, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK: tl.c
 def _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr, delta_ptr,
                 qdoc_ptr, stride_qt, start, end, T, W, qk_scale,
                 MODE: tl.constexpr, HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr,
-                BLOCK_M: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, IN_PREC: tl.constexpr, USE_TMA: tl.constexpr = False,
+                DLK_TILE: tl.constexpr = False):
     # MODE 4 is FAR with log_keep added by the tensor cores: the program's keys are the rows of the tile, so
     # the K=16 product is lkr[BLOCK_N, 16] x ones_t[16, BLOCK_M] (columns / rows 0, 1: the hi and lo parts of
     # log_keep / scale, see triton_fwd.split_log_keep), both loaded once per program.
@@ -92,9 +94,10 @@ def _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr,
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=IN_PREC)
         if HAS_DMS:
             if MODE == 1 or MODE == 4:
-                dlk += tl.sum(dst, 1)
+                # DLK_TILE: dlk is a [BLOCK_N, BLOCK_M] running sum of dS, reduced once per program
+                dlk += dst if DLK_TILE else tl.sum(dst, 1)
             elif MODE != 0:
-                dlk += tl.sum(tl.where(far, dst, 0.0), 1)
+                dlk += tl.where(far, dst, 0.0) if DLK_TILE else tl.sum(tl.where(far, dst, 0.0), 1)
     return dk, dv, dlk
 
 
@@ -104,7 +107,7 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
                          H, T, W, qk_scale, sm_scale,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_DMS: tl.constexpr, HAS_DOC: tl.constexpr, IN_PREC: tl.constexpr,
-                         FAR_MODE: tl.constexpr, USE_TMA: tl.constexpr = False):
+                         FAR_MODE: tl.constexpr, USE_TMA: tl.constexpr = False, DLK_TILE: tl.constexpr = False):
     # Key block 0 walks the most query tiles: start it first.
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -125,7 +128,8 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
     lkr = lk  # placeholders unless FAR_MODE == 4
     ones_t = lk
     if FAR_MODE == 4:
-        lkr = tl.load(LK2 + bhk.to(tl.int64) * 2 * T + c16[None, :] * T + offs_n[:, None],
+        tp = (T + 7) // 8 * 8  # triton_fwd.lk2_row_stride
+        lkr = tl.load(LK2 + bhk.to(tl.int64) * 2 * tp + c16[None, :] * tp + offs_n[:, None],
                       mask=(c16[None, :] < 2) & nmask[:, None], other=0.0)
         rows16 = c16[:, None] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
         ones_t = tl.where(rows16 < 2, 1.0, 0.0).to(LK2.dtype.element_ty)
@@ -150,7 +154,10 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dlk = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if DLK_TILE:
+        dlk = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        dlk = tl.zeros([BLOCK_N], dtype=tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
         q_ptr = Q + b64 * sqb + h.to(tl.int64) * sqh
@@ -165,20 +172,23 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
         delta_ptr = DELTA + row
         dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                   delta_ptr, qdoc_ptr, sqt, n0, diag_end, T, W, qk_scale,
-                                  3, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA)
+                                  3, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA, DLK_TILE)
         dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                   delta_ptr, qdoc_ptr, sqt, diag_end, near_end, T, W, qk_scale,
-                                  0, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA)
+                                  0, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA, DLK_TILE)
         if HAS_DMS:
             dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                       delta_ptr, qdoc_ptr, sqt, near_end, far_start, T, W, qk_scale,
-                                      2, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA)
+                                      2, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA, DLK_TILE)
             dk, dv, dlk = _dkdv_tiles(dk, dv, dlk, k, v, lk, lkr, ones_t, kdoc, offs_n, offs_d, q_ptr, do_ptr, lse_ptr,
                                       delta_ptr, qdoc_ptr, sqt, far_start, hi, T, W, qk_scale,
-                                      FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA)
+                                      FAR_MODE, HAS_DMS, HAS_DOC, BLOCK_M, IN_PREC, USE_TMA, DLK_TILE)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=nmask[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=nmask[:, None])
-    tl.store(DLK + bhk.to(tl.int64) * T + offs_n, dlk, mask=nmask)
+    if DLK_TILE:
+        tl.store(DLK + bhk.to(tl.int64) * T + offs_n, tl.sum(dlk, 1), mask=nmask)
+    else:
+        tl.store(DLK + bhk.to(tl.int64) * T + offs_n, dlk, mask=nmask)
 
 
 @triton.jit
@@ -211,8 +221,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_p
             vt = tl.load(v_ptr + offs_n[None, :] * stride_kt + offs_d[:, None])
         s = tl.dot(q, kt, input_precision=IN_PREC)
         if MODE == 4:  # elementwise add measured 1.30x over no mask for this kernel (7.52 vs 5.77 ms)
-            lkt = tl.load(lk2_ptr + r16[:, None] * T + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
-            s = tl.dot(ones, lkt, s, input_precision=IN_PREC)
+            s = tl.dot(ones, _bias_rows(lk2_ptr, r16, offs_n, n0, T, USE_TMA), s, input_precision=IN_PREC)
         if HAS_DMS and MODE % 4 != 0:
             if MODE == 1:
                 s = s + lk[None, :]
@@ -259,7 +268,9 @@ def _dms_bwd_dq_kernel(Q, K, V, LK, LK2, DOC, FIRST, DO, LSE, DELTA, DQ,
         k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
         v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
     lk_ptr = LK + (b64 * (H // GROUP) + hk) * T
-    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * T
+    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * ((T + 7) // 8 * 8)
+    if USE_TMA and FAR_MODE == 4:
+        lk2_ptr = lk2_descriptor(lk2_ptr, T, BLOCK_N)
     c16 = tl.arange(0, 16)[None, :] + tl.zeros([BLOCK_M, 16], dtype=tl.int32)
     ones = tl.where(c16 < 2, 1.0, 0.0).to(Q.dtype.element_ty)
 
@@ -321,8 +332,9 @@ def bwd_config(D: int, dtype: torch.dtype, tma: bool = False) -> tuple[dict, dic
         if tma:
             # H100, same shape, DMS on (--sweep, session 8), ms with the matmul / elementwise log_keep add and
             # without the DMS term: dK/dV 32x64/4/3 TMA 10.46 / 9.91 / 8.76 vs pointer loads 11.62 / 10.68 / 10.30
-            # (64x128/8/2 TMA 18.1); dQ 128x128/8/2 TMA 6.83 / 7.51 / 5.81 vs 128x64/8/3 pointer 8.38 / 7.96 / 5.48.
-            d2 = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+            # (64x128/8/2 TMA 18.1). dQ with the bias operand a bulk copy too (_bias_rows): 128x64/8/3 6.56 / 8.31 /
+            # 5.60, 128x128/8/2 6.78 / 7.48 / 5.66, pointer loads 128x128/8/2 6.92 / 7.68 / 5.86 (one run).
+            d2 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return e1 or d1, e2 or d2
 
 
@@ -373,6 +385,8 @@ def launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dm
     bias_mma = has_dms and dkdv_bias_mma_enabled()
     if bias_mma and lk2 is None:
         lk2 = split_log_keep(lk, scale, q.dtype)
+    if bias_mma:
+        _check_lk2(lk2, lk)
     doc, first, last = docs if docs is not None else (lse, lse, lse)
     tma = cfg.get("tma", use_tma(q, do))
     if tma:
@@ -382,7 +396,15 @@ def launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dm
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         H, T, W, scale * LOG2E, scale,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        FAR_MODE=4 if bias_mma else 1, USE_TMA=tma, **_common(q, k, docs, has_dms))
+        FAR_MODE=4 if bias_mma else 1, USE_TMA=tma, DLK_TILE=cfg.get("dlk_tile", dlk_tile_enabled()),
+        **_common(q, k, docs, has_dms))
+
+
+def dlk_tile_enabled() -> bool:
+    """The dK/dV kernel sums dS into a tile-shaped accumulator and reduces it to d log_keep once per program, instead
+    of a row reduction per query tile (``DMS_ATTN_DLK_TILE=0``). H100, L=8192, DMS on (bench --sweep, session 8),
+    32x64/4/3 TMA: 9.66 vs 9.94 ms with the elementwise log_keep add, 9.94 vs 10.38 with the matmul add."""
+    return os.environ.get("DMS_ATTN_DLK_TILE", "1") != "0"
 
 
 def launch_dq(q, k, v, lk, do, lse, delta, dq, W, docs, scale, has_dms, cfg, lk2=None):
@@ -391,6 +413,8 @@ def launch_dq(q, k, v, lk, do, lse, delta, dq, W, docs, scale, has_dms, cfg, lk2
     bias_mma = has_dms and bias_mma_enabled()
     if bias_mma and lk2 is None:
         lk2 = split_log_keep(lk, scale, q.dtype)
+    if bias_mma:
+        _check_lk2(lk2, lk)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0
     doc, first, last = docs if docs is not None else (lse, lse, lse)
     tma = cfg.get("tma", use_tma(k, v))

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tma import ensure_allocator, tma_forced, use_tma
+from ..tma import ensure_allocator, use_tma
 
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -48,6 +48,26 @@ def _empty(shape, dtype, device):
 # Mode ids of the key/query tiles (see the module docstring); 4 is FAR with the bias as a matmul, 5 the last
 # (partial) tile of a gathered FAR region.
 NEAR, FAR, MIXED, DIAG, FAR_MMA, GATHERED_TAIL = 0, 1, 2, 3, 4, 5
+
+
+@triton.jit
+def _bias_rows(lk2_ptr, r16, offs_n, n0, T, USE_TMA: tl.constexpr):
+    # [16, BLOCK_N] operand of the FAR-tile bias product: rows 0/1 the (hi, lo) log_keep parts, rows 2-15 zero.
+    # USE_TMA: lk2_ptr is a descriptor of the 2 x T rows whose box is 16 rows tall (rows past 2 read as zero), so
+    # the operand lands in shared memory by one bulk copy.
+    # (one return: code after a constexpr-taken early return is still compiled, and would use the descriptor as a
+    # pointer)
+    if USE_TMA:
+        rows = lk2_ptr.load([0, n0])
+    else:
+        rows = tl.load(lk2_ptr + r16[:, None] * ((T + 7) // 8 * 8) + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
+    return rows
+
+
+@triton.jit
+def lk2_descriptor(lk2_ptr, T, BLOCK_N: tl.constexpr):
+    """Tensor descriptor of one head's ``split_log_keep`` rows for :func:`_bias_rows`."""
+    return tl.make_tensor_descriptor(lk2_ptr, shape=[2, T], strides=[(T + 7) // 8 * 8, 1], block_shape=[16, BLOCK_N])
 
 
 @triton.jit
@@ -89,11 +109,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, lk_ptr, lk2_ptr, ones, kdoc_ptr, 
             if HAS_FLAGS:
                 # hard masks: a tile whose keys are all kept adds log_keep = 0, so its bias product is skipped
                 if tl.load(flag_ptr + n0 // BLOCK_N) != 0:
-                    lkt = tl.load(lk2_ptr + r16[:, None] * T + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
-                    s = tl.dot(ones, lkt, s, input_precision=IN_PREC)
+                    s = tl.dot(ones, _bias_rows(lk2_ptr, r16, offs_n, n0, T, USE_TMA), s, input_precision=IN_PREC)
             else:
-                lkt = tl.load(lk2_ptr + r16[:, None] * T + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
-                s = tl.dot(ones, lkt, s, input_precision=IN_PREC)
+                s = tl.dot(ones, _bias_rows(lk2_ptr, r16, offs_n, n0, T, USE_TMA), s, input_precision=IN_PREC)
         if HAS_DMS and (MODE == 1 or MODE == 2 or MODE == 3):
             if MODE == 1:
                 s = s + lk[None, :]
@@ -150,7 +168,9 @@ def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS, KC, VC, CUM,
         k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
         v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
     lk_ptr = LK + (b64 * (H // GROUP) + hk) * T
-    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * T
+    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * ((T + 7) // 8 * 8)
+    if USE_TMA and FAR_MODE == 4:
+        lk2_ptr = lk2_descriptor(lk2_ptr, T, BLOCK_N)
     flag_ptr = FLAGS + (b64 * (H // GROUP) + hk) * tl.cdiv(T, BLOCK_N)
     q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=rmask[:, None], other=0.0)
     c16 = tl.arange(0, 16)[None, :] + tl.zeros([BLOCK_M, 16], dtype=tl.int32)
@@ -281,15 +301,33 @@ def bias_mma_enabled() -> bool:
     return os.environ.get("DMS_ATTN_BIAS_MMA", "1") != "0"
 
 
+def lk2_row_stride(T: int) -> int:
+    """Row stride of :func:`split_log_keep`'s rows: T rounded up to 8, so rows start 16-byte aligned (TMA)."""
+    return -(-T // 8) * 8
+
+
 def split_log_keep(lk: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``[B, Hkv, T]`` fp32 log_keep -> ``[B, Hkv, 2, T]`` (hi, lo) parts of ``log_keep / scale`` in ``dtype``.
 
     hi + lo carries ~16 mantissa bits in bf16 (hi alone would be 8); -inf stays -inf in hi with lo = 0.
+    The rows are :func:`lk2_row_stride` apart (a view of a zero-padded buffer), which the kernels assume.
     """
+    B, hkv, T = lk.shape
     raw = lk / scale
     hi = raw.to(dtype)
     lo = torch.where(torch.isinf(hi), torch.zeros_like(raw), raw - hi.float()).to(dtype)
-    return torch.stack([hi, lo], dim=2).contiguous()
+    out = torch.zeros(B, hkv, 2, lk2_row_stride(T), dtype=dtype, device=lk.device)
+    out[:, :, 0, :T] = hi
+    out[:, :, 1, :T] = lo
+    return out[..., :T]
+
+
+def _check_lk2(lk2: torch.Tensor, lk: torch.Tensor) -> None:
+    B, hkv, T = lk.shape
+    tp = lk2_row_stride(T)
+    if lk2.shape != (B, hkv, 2, T) or lk2.stride() != (hkv * 2 * tp, 2 * tp, tp, 1):
+        raise ValueError(f"lk2 must come from split_log_keep (shape {(B, hkv, 2, T)}, rows {tp} apart); "
+                         f"got shape {tuple(lk2.shape)}, strides {lk2.stride()}")
 
 
 def hard_tile_flags_enabled() -> bool:
@@ -366,11 +404,14 @@ def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, 
     bias_mma = has_dms and bias_mma_enabled() and not gathered
     if bias_mma and lk2 is None:
         lk2 = split_log_keep(lk, scale, q.dtype)
+    if bias_mma:
+        _check_lk2(lk2, lk)
     flags = hard_tile_flags(lk, bn) if (hard and bias_mma and hard_tile_flags_enabled()) else None
     kc, vc, cum = gather_kept(k, v, lk) if gathered else (lse, lse, lse)
-    # H100, L=8192 (bench --sweep, session 8): descriptor loads made this forward slower with the DMS term
-    # (128x128/8/2: 6.21 vs 5.67 ms) and at most 5% faster without it, so they are opt-in (DMS_ATTN_TMA=1).
-    tma = cfg.get("tma", tma_forced() and use_tma(k, v))
+    # H100, L=8192, DMS on, 128x128/8/2 (bench --sweep, session 8): descriptor loads of K/V alone made this forward
+    # slower (6.21 vs 5.67 ms); with the bias operand also a bulk copy (_bias_rows) 5.97 vs 6.19 ms in one run.
+    # Hard-mask prefill (gathered FAR region, bench_decode --sections prefill, 8K): 37.87 vs 38.04 ms.
+    tma = cfg.get("tma", use_tma(k, v))
     if tma:
         ensure_allocator()
     grid = (triton.cdiv(T, bm), B * H)

@@ -120,6 +120,35 @@ def test_split_kernel_v_mask(dtype, v_mask_pos, monkeypatch):
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("v_mask_pos", [False, True])
+@pytest.mark.parametrize("D,G,Hkv,lens,splits", [
+    (64, 4, 2, [1, 63, 0, 17, 40, 5], 2),
+    (128, 8, 1, [200, 3], None),
+])
+def test_split_kernel_tensor_descriptor_pages(dtype, v_mask_pos, D, G, Hkv, lens, splits, monkeypatch):
+    """use_tma=True: pages read by bulk copies through host tensor descriptors (rows cannot be masked in the
+    copy, so NaN bytes past a stream's end are zeroed after it). Same result as the reference and as pointer loads."""
+    monkeypatch.setattr(td, "V_MASK_POS", v_mask_pos)
+    B = len(lens) // Hkv
+    k, v, pos, bt, sl = _store(lens, 16, D, dtype, seed=9)
+    q = torch.randn(B, Hkv * G, D, device=DEV).to(dtype)
+    ref = paged_decode_attention_reference(q, k, v, pos, bt, sl, D ** -0.5)
+    out = td.paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, num_splits=splits, use_tma=True)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=0)
+    plain = td.paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, num_splits=splits, use_tma=False)
+    torch.testing.assert_close(out.float(), plain.float(), atol=TOL[dtype], rtol=0)
+    # a pool whose pages are not contiguous rows cannot be described: use_tma=True says so, None falls back
+    k2 = torch.zeros(k.shape[1], k.shape[0], D, device=DEV, dtype=dtype).transpose(0, 1)  # [P, PS, D], slot-major
+    k2.copy_(k)
+    with pytest.raises(ValueError, match="use_tma"):
+        td.paged_decode_attention(q, k2, v, pos, bt, sl, D ** -0.5, use_tma=True)
+    monkeypatch.setenv("DMS_DECODE_TMA", "1")
+    torch.testing.assert_close(td.paged_decode_attention(q, k2, v, pos, bt, sl, D ** -0.5, num_splits=splits).float(),
+                               plain.float(), atol=TOL[dtype], rtol=0)
+
+
 def test_decode_attention_invalid_rows_and_errors():
     k, v, pos, bt, sl = _store([5, 9], 16, 64, torch.float32)
     q = torch.randn(2, 2, 64, device=DEV)
