@@ -13,7 +13,9 @@ Three deterministic launches, no atomics:
 With ``S = scale * q.k + [i - j > W] log_keep[j]``, ``P = exp(S - lse)``: ``dV = P^T dO``,
 ``dS = P * (dO V^T - delta)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``.
 Query tiles are classified per key block like the forward (DIAG, NEAR, MIXED, FAR), so only
-diagonal and window-edge tiles do elementwise mask work.
+diagonal and window-edge tiles do elementwise mask work. On sm90+ the streamed tiles (q/dO in launch 2,
+K/V and the FAR bias operand in launch 3) are read through tensor descriptors (``dms_kernels.tma``), and
+launch 2 sums dS into a tile-shaped accumulator that becomes d log_keep once per program.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ nothing there. The MIXED / NEAR / DIAG tiles read the original keys as above.
 Tiles before the first key that shares a document with any query of the block are skipped (for
 contiguous documents that is every cross-document tile); the document mask is applied elementwise
 only when document ids are given. With ``HAS_DMS=False`` the same tiling runs as plain causal flash
-attention (the "no mask" baseline of the benchmark). Memory is O(T): no T x T buffer.
+attention (the "no mask" baseline of the benchmark). Memory is O(T): no T x T buffer. On sm90+ the K/V
+tiles and the FAR bias operand are read through tensor descriptors (``dms_kernels.tma``, ``USE_TMA``).
 """
 from __future__ import annotations
 
