@@ -49,10 +49,22 @@ def aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
 
 
+def available() -> bool:
+    """This Triton has device-side tensor descriptors and host ones (``triton.tools.tensor_descriptor``); older
+    releases (the package allows triton >= 3.2) keep pointer loads everywhere."""
+    import triton.language as tl
+
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(tl, "make_tensor_descriptor")
+
+
 def use_tma(*tensors: torch.Tensor) -> bool:
     """Whether the kernels read these ``[B, heads, T, D]`` tensors through tensor descriptors."""
     mode = _mode()
-    if mode == "0" or not tensors:
+    if mode == "0" or not tensors or not available():
         return False
     t0 = tensors[0]
     if not all(aligned(t) for t in tensors):

@@ -358,9 +358,11 @@ def decode_tma_default(device) -> bool:
 def _pool_descriptors(k_pool, v_pool):
     """Host tensor descriptors of the pools as ``[pages * PS, D]`` rows with ``[PS, D]`` blocks, or None when
     the layout does not allow them (pages not contiguous rows, unaligned, too many rows for int32 coordinates)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    from ..tma import aligned, available
 
-    from ..tma import aligned
+    if not available():
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     ps = k_pool.shape[1]
     for p in (k_pool, v_pool):
