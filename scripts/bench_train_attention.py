@@ -22,7 +22,8 @@ are time(ours) / time(other): lower is better for ours (< 1: ours faster).
   python scripts/bench_train_attention.py --out docs/results/train_attention.json      # both sections
   python scripts/bench_train_attention.py --sections step --merge docs/results/train_attention.json \
       --out OUT.json          # step section only; kernel rows and summary keys kept from the merged file
-  python scripts/bench_train_attention.py --sweep     # time block-size candidates at L=8192 (ours)
+  python scripts/bench_train_attention.py --sweep [--sweep-cands ...] [--sweep-out S.json]
+                                                      # time block-size candidates at L=8192 (ours)
   TRITON_INTERPRET=1 python scripts/bench_train_attention.py --smoke --out /tmp/t.json   # CPU, seconds
 """
 from __future__ import annotations
@@ -144,8 +145,50 @@ def bench_one(fn, q, k, v, lk, do):
     return f_ms, f_spread, fb_ms, fb_spread
 
 
+SWEEP_DEFAULT_CANDS = {
+    "fwd": ["128,128,8,3", "128,64,8,3", "64,64,4,3"],
+    "dkdv": ["32,64,4,3", "32,128,8,3"],
+    "dq": ["128,64,8,3", "128,128,8,2", "64,64,4,2"],
+}
+
+
+def parse_sweep_config(s: str) -> dict:
+    """``"BLOCK_M,BLOCK_N,warps,stages[,t|p[,s|r]]"`` -> launch config: ``t`` / ``p`` force tensor-descriptor (TMA) or
+    pointer loads; for dK/dV ``s`` sums d log_keep per tile, ``r`` reduces it per query tile."""
+    parts = [x.strip() for x in s.split(",")]
+    if len(parts) < 4 or len(parts) > 6 or not all(x.isdigit() for x in parts[:4]) \
+            or (len(parts) > 4 and parts[4] not in ("t", "p")) or (len(parts) > 5 and parts[5] not in ("s", "r")):
+        raise ValueError(f"sweep candidate {s!r}: expected BLOCK_M,BLOCK_N,warps,stages[,t|p[,s|r]], e.g. 128,64,8,3,t")
+    bm, bn, w, st = (int(x) for x in parts[:4])
+    c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    if len(parts) > 4:
+        c["tma"] = parts[4] == "t"
+    if len(parts) > 5:
+        c["dlk_tile"] = parts[5] == "s"
+    return c
+
+
+def parse_sweep_cands(spec: str | None) -> dict:
+    """``"fwd=c1;c2|dkdv=...|dq=..."`` -> ``{kernel: [candidate, ...]}`` (each checked by :func:`parse_sweep_config`);
+    None -> :data:`SWEEP_DEFAULT_CANDS`."""
+    if not spec:
+        return {k: list(v) for k, v in SWEEP_DEFAULT_CANDS.items()}
+    cands = {}
+    for part in spec.split("|"):
+        kern, sep, vals = part.partition("=")
+        kern = kern.strip()
+        if not sep or kern not in SWEEP_DEFAULT_CANDS:
+            raise ValueError(f"--sweep-cands part {part!r}: expected KERNEL=c1;c2 with KERNEL in "
+                             f"{sorted(SWEEP_DEFAULT_CANDS)}")
+        cands[kern] = [x.strip() for x in vals.split(";") if x.strip()]
+        for c in cands[kern]:
+            parse_sweep_config(c)
+    return cands
+
+
 def sweep(args):
     """Time each kernel alone for block-size candidates (BLOCK_M,BLOCK_N,warps,stages) at L=8192."""
+    cands = parse_sweep_cands(args.sweep_cands)  # bad specs fail before any GPU work
     from dms_kernels.train_attention import triton_bwd as tb
     from dms_kernels.train_attention import triton_fwd as tf
 
@@ -161,27 +204,7 @@ def sweep(args):
     dq, dk, dv, dlk = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lk)
     flops_f = 2 * 2 * B * args.heads * L * L * args.head_dim / 2
 
-    def cfg(s):
-        # "BLOCK_M,BLOCK_N,warps,stages[,t|p]": t forces tensor-descriptor (TMA) loads, p pointer loads
-        parts = s.split(",")
-        bm, bn, w, st = (int(x) for x in parts[:4])
-        c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-        if len(parts) > 4:
-            c["tma"] = parts[4] == "t"
-        if len(parts) > 5:  # dK/dV only: "s" sums d log_keep per tile (DLK_TILE), "r" reduces per query tile
-            c["dlk_tile"] = parts[5] == "s"
-        return c
-
-    cands = {
-        "fwd": ["128,128,8,3", "128,64,8,3", "64,64,4,3"],
-        "dkdv": ["32,64,4,3", "32,128,8,3"],
-        "dq": ["128,64,8,3", "128,128,8,2", "64,64,4,2"],
-    }
-    if args.sweep_cands:  # "fwd=c1;c2|dkdv=...|dq=..."
-        cands = {}
-        for part in args.sweep_cands.split("|"):
-            kern, vals = part.split("=")
-            cands[kern.strip()] = [x.strip() for x in vals.split(";") if x.strip()]
+    cfg = parse_sweep_config
     launch = {
         "fwd": lambda c, dms: (setattr(tf, "FWD_CONFIG_OVERRIDE", c), tf.dms_attention_fwd(q, k, v, lk, W, None, scale, dms)),
         "dkdv": lambda c, dms: tb.launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, None, scale, dms, c),
@@ -616,6 +639,7 @@ def build_parser():
     ap.add_argument("--flex-lengths", default=None, help="lengths at which to run flex (default: all)")
     ap.add_argument("--out", default=None, help="default docs/results/train_attention.json")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-out", default=None, help="with --sweep: also write the timings to this JSON file")
     ap.add_argument("--sweep-cands", default=None,
                     help='with --sweep: candidates as "fwd=BM,BN,warps,stages[,t|p];...|dkdv=...[,t|p[,s|r]]|dq=..." '
                          "(t: TMA loads, p: pointer loads, omitted: the default for the device; dkdv's s|r: "
@@ -665,7 +689,22 @@ def main(argv=None):
     if args.sweep:
         if not _cuda():
             sys.exit("--sweep needs a CUDA GPU")
-        sweep(args)
+        rows = sweep(args)
+        if args.sweep_out:
+            import triton
+
+            doc = dict(name="train_attention_sweep", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       triton=triton.__version__,
+                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       command="python " + " ".join(sys.argv if argv is None else
+                                                    ["scripts/bench_train_attention.py", *argv]),
+                       L=8192, columns=["kernel", "config", "ms_dms_matmul_bias", "ms_dms_elementwise_bias",
+                                        "ms_no_dms_term"],
+                       rows=[[k, c, *(None if x != x else round(x, 4) for x in r)] for k, c, *r in rows])
+            os.makedirs(os.path.dirname(os.path.abspath(args.sweep_out)), exist_ok=True)
+            with open(args.sweep_out, "w") as f:
+                json.dump(doc, f, indent=1)
+            print(f"wrote {args.sweep_out}")
         return
     import triton
 

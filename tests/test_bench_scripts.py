@@ -66,3 +66,16 @@ def test_bad_names_are_refused(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         bench.main(["--smoke", "--out", str(tmp_path / "x.json"), *argv])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_sweep_candidates_parse_and_refuse_bad_specs():
+    c = bench.parse_sweep_cands("fwd=128,128,8,2,t;128,64,8,3|dkdv=32,64,4,3,t,s")
+    assert c == {"fwd": ["128,128,8,2,t", "128,64,8,3"], "dkdv": ["32,64,4,3,t,s"]}
+    assert bench.parse_sweep_config("32,64,4,3,t,s") == dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3,
+                                                            tma=True, dlk_tile=True)
+    assert bench.parse_sweep_config("128,64,8,3,p") == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3,
+                                                           tma=False)
+    assert bench.parse_sweep_cands(None) == bench.SWEEP_DEFAULT_CANDS
+    for bad in ("fwd=128,128,8", "fwd=128,128,8,2,x", "bwd=128,128,8,2", "fwd 128,128,8,2"):
+        with pytest.raises(ValueError, match="sweep"):
+            bench.parse_sweep_cands(bad)
