@@ -21,6 +21,7 @@ microseconds of work, so the host's per-op cost, not the GPU, is what they add t
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable
 
 import torch
@@ -62,9 +63,26 @@ def triton_available() -> bool:
         return False
 
 
-def get_train_kernel(name: str, device: torch.device) -> Callable:
+_FALLBACK_WARNED: set = set()
+
+
+def get_train_kernel(name: str, device: torch.device, query=None, key=None) -> Callable:
+    """The training-attention kernel registered as ``name``; ``auto`` picks ``triton`` on CUDA where it is installed,
+    else ``eager``. Given the layer's ``query`` / ``key``, ``auto`` also falls back to ``eager`` (with a warning,
+    once per reason) when the Triton kernel does not support them (its ``supports(q, k)`` attribute: head dims
+    16/32/64/128/256, fp16/bf16/fp32), instead of failing."""
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_available() else "eager"
+        if name == "triton" and query is not None:
+            fn = _resolve(TRAIN_KERNELS["triton"])
+            why = getattr(fn, "unsupported_reason", lambda q, k: None)(query, key)
+            if why is not None:
+                if why not in _FALLBACK_WARNED:
+                    _FALLBACK_WARNED.add(why)
+                    warnings.warn(f"DMS attention 'auto': the Triton kernel does not support {why}; using the eager "
+                                  "reference (O(T^2) memory; attention_impl='flex' is the faster choice there)",
+                                  stacklevel=3)
+                name = "eager"
     if name not in TRAIN_KERNELS:
         raise ValueError(f"unknown DMS attention kernel {name!r}; registered: {sorted(TRAIN_KERNELS)}")
     try:
@@ -226,9 +244,9 @@ class ForwardPlan:
             raise ValueError(f"layer_idx {layer_idx} outside the {L} layers this DMS state was built for")
         return self._noise[layer_idx]
 
-    def kernel(self) -> Callable:
+    def kernel(self, query=None, key=None) -> Callable:
         if self._kernel is None:
-            self._kernel = get_train_kernel(self.state.config.attention_impl, self.device)
+            self._kernel = get_train_kernel(self.state.config.attention_impl, self.device, query, key)
         return self._kernel
 
     def attend(self, query, key, value, log_keep, window: int, scale: float):
@@ -238,7 +256,7 @@ class ForwardPlan:
         once per forward as ``doc_bounds=`` for every layer, instead of deriving it from ``doc_ids`` per
         layer (for the Triton kernel that derivation reads device values on the host, twice).
         """
-        fn = self.kernel()
+        fn = self.kernel(query, key)
         pre = getattr(fn, "precompute_doc_bounds", None)
         if pre is None or self.doc_ids is None:
             return fn(query, key, value, log_keep, window, self.doc_ids, scale)

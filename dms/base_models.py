@@ -27,6 +27,7 @@ circuits that look a key up among similar facts room to form; the first run's 6.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -250,13 +251,33 @@ def eval_loss(model, stream: torch.Tensor, seq_len: int, rows: int, batch: int =
     return tot / (n * (seq_len - 1))
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool = True):
+    """TF32 for fp32 matmuls and convolutions inside the block only; the caller's settings come back after it
+    (a library call must not leave process-wide numerics changed)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def build_base_model(corpus_dir: str | Path, out: str | Path, cfg: BaseModelConfig | None = None, seed: int = 0,
                      device: str | None = None, progress: bool = True, log=print) -> dict:
     """Train tokenizer + model from ``corpus_dir/train.jsonl.gz`` and export to ``out``; returns build info.
 
     ``corpus_dir`` must hold ``train.jsonl.gz`` and ``validation.jsonl.gz`` (the shared corpus layout).
-    The validation loss is measured on plain validation text (``[seq_len]`` rows).
+    The validation loss is measured on plain validation text (``[seq_len]`` rows). On CUDA the fp32 master
+    weights' matmuls run in TF32 during the build only (:func:`tf32_matmuls`).
     """
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tf32_matmuls(dev.startswith("cuda")):
+        return _build_base_model(corpus_dir, out, cfg, seed, dev, progress, log)
+
+
+def _build_base_model(corpus_dir, out, cfg, seed, device, progress, log) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -294,8 +315,6 @@ def build_base_model(corpus_dir: str | Path, out: str | Path, cfg: BaseModelConf
     model = AutoModelForCausalLM.from_config(model_config(cfg, tok), attn_implementation="sdpa",
                                              dtype=torch.float32).to(device)
     model.train()
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -30,6 +30,7 @@ On CPU the same state machine runs through the PyTorch references (``backend="to
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from transformers.cache_utils import Cache
@@ -47,6 +48,21 @@ from .cache import DMSLayerProtocol, chunk_decisions
 CACHE_KINDS = ("auto", "paged", "reference")
 DEFAULT_TORCH_CHUNK = 8192  # prefill chunk of the PyTorch-reference backend (its score tensors are chunk^2)
 BACKENDS = ("auto", "triton", "torch")
+
+
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims of the Triton prefill / decode kernels
+
+
+def _triton_unsupported(model) -> str | None:
+    """Why the Triton backend cannot serve ``model`` (its head dim), or None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if D not in TRITON_HEAD_DIMS:
+        return f"head dim {D} (supported: {TRITON_HEAD_DIMS})"
+    return None
 
 
 def _hard_chunk_attention(q, k, v, evict, window, doc_ids, scale, use_triton: bool):
@@ -611,6 +627,11 @@ class PagedDMSCache(Cache):
                 p = next(model.parameters(), None)
                 dev = p.device if p is not None else None
             backend = "triton" if (dev is not None and dev.type == "cuda") else "torch"
+            why = _triton_unsupported(model) if backend == "triton" else None
+            if why is not None:
+                warnings.warn(f"PagedDMSCache(backend='auto'): the Triton kernels do not support {why}; using the "
+                              "PyTorch backend", stacklevel=2)
+                backend = "torch"
         self.backend = backend
         super().__init__(layers=[PagedDMSCacheLayer(page_size, backend, prefill_chunk) for _ in range(num_layers)])
         for layer in self.layers:

@@ -36,6 +36,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import DMSCacheLayer, DMSLayerProtocol
+from .paged_cache import TRITON_HEAD_DIMS
 
 
 PREFIX_IMPL: str | None = None  # None: Triton on CUDA, the reference elsewhere; tests set "triton" on CPU too
@@ -45,7 +46,7 @@ def _prefix_attention(query, keys, values, visible, scaling, samples, length=Non
     """Prefix part: Triton on CUDA, the fp32 reference elsewhere (``dms_kernels.prefix_attention``)."""
     from dms_kernels.prefix_attention import prefix_attention
 
-    impl = PREFIX_IMPL or ("triton" if query.is_cuda else "reference")
+    impl = PREFIX_IMPL or ("triton" if query.is_cuda and query.shape[-1] in TRITON_HEAD_DIMS else "reference")
     return prefix_attention(query, keys, values, visible, scaling, samples, impl=impl, length=length)
 
 

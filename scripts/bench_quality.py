@@ -213,6 +213,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from dms.base_models import tf32_matmuls
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tf32_matmuls(device.startswith("cuda")):  # TF32 for this run only (main is also called in-process)
+        return _main(args, argv, device)
+
+
+def _main(args, argv, device) -> int:
+    import torch
+
     from dms.base_models import BaseModelConfig, build_base_model, write_retrofit_mix
     from dms.eval import DMSSystem, EvalConfig, EvalData, PolicySystem, evaluate_system
     from dms.eval import bench
@@ -222,10 +232,6 @@ def main(argv=None) -> int:
     # Notes are report text, not settings: leave them out of the recorded command.
     argl = [a for i, a in enumerate(argl) if a != "--note" and (i == 0 or argl[i - 1] != "--note")]
     command = "python scripts/bench_quality.py " + shlex.join(argl)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     progress = not args.no_progress
     work = Path(args.work)
     (work / "eval").mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,16 @@ _SUPPORTED_D = (16, 32, 64, 128, 256)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def unsupported_reason(q, k) -> str | None:
+    """Why the Triton kernels cannot take these inputs (e.g. ``"head dim 80"``), or None when they can."""
+    D = q.shape[-1]
+    if D not in _SUPPORTED_D:
+        return f"head dim {D} (supported: {_SUPPORTED_D})"
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {q.dtype}"
+    return None
+
+
 def _validate(q, k, v, log_keep, window, doc_ids, scale):
     B, H, hkv, T, D = check_inputs(q, k, v, log_keep, window, doc_ids)
     if D not in _SUPPORTED_D:
@@ -116,6 +126,7 @@ def dms_attention(q, k, v, log_keep, window, doc_ids=None, scale=None, *, doc_bo
 
 
 dms_attention.precompute_doc_bounds = precompute_doc_bounds  # dms.attention.ForwardPlan.attend looks for it
+dms_attention.unsupported_reason = unsupported_reason  # dms.attention.get_train_kernel("auto", ...) asks it
 
 
 @torch.no_grad()

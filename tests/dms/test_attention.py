@@ -92,3 +92,31 @@ def test_packed_documents_match_separate_sequences(make_tiny_model, randomize):
     # RoPE is relative, so the shifted positions of document b do not change its attention.
     torch.testing.assert_close(lab[:, :11], la, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lab[:, 11:], lb, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_kernel_falls_back_for_shapes_triton_cannot_take(monkeypatch):
+    """attention_impl='auto' on CUDA picks the Triton kernel, but a head dim it does not support (e.g. 8 or 80)
+    gets the eager reference with one warning, instead of an error mid-training; 'triton' asked by name still
+    raises the kernel's clear error."""
+    import warnings
+
+    from dms import attention as A
+    import dms_kernels.train_attention as ta
+
+    monkeypatch.setattr(A, "triton_available", lambda: True)
+    monkeypatch.setattr(A, "_FALLBACK_WARNED", set())
+    cuda = torch.device("cuda")
+    q16, k16 = torch.zeros(1, 2, 4, 16), torch.zeros(1, 1, 4, 16)
+    q80, k80 = torch.zeros(1, 2, 4, 80), torch.zeros(1, 1, 4, 80)
+    assert A.get_train_kernel("auto", cuda, q16, k16) is ta.dms_attention
+    with pytest.warns(UserWarning, match="head dim 80"):
+        assert A.get_train_kernel("auto", cuda, q80, k80) is ta.dms_attention_reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per reason
+        assert A.get_train_kernel("auto", cuda, q80, k80) is ta.dms_attention_reference
+    assert A.get_train_kernel("auto", torch.device("cpu"), q16, k16) is ta.dms_attention_reference
+    assert ta.unsupported_reason(q16.half(), k16.half()) is None
+    assert "dtype" in ta.unsupported_reason(q16.double(), k16.double())
+    assert A.get_train_kernel("triton", cuda, q80, k80) is ta.dms_attention
+    with pytest.raises(ValueError, match="head dim D=80"):
+        ta.dms_attention(q80, k80, k80, torch.zeros(1, 1, 4), 2)

@@ -268,3 +268,24 @@ def test_prompt_repack_deferred_by_one_layer(make_tiny_model, randomize):
         assert sa[k] == sb[k], k
     for layer in lazy.layers:
         layer.check_allocator()
+
+
+def test_auto_backend_uses_torch_for_head_dims_triton_cannot_take(make_tiny_model, monkeypatch):
+    """backend='auto' picks Triton for a CUDA model, but not when the model's head dim is outside the kernels'
+    set: then the PyTorch backend, with a warning (a GPU run of the test suite met this with head dim 8)."""
+    from dms import paged_cache as pc
+    from dms_kernels.decode_attention import triton_decode
+    from dms_kernels.train_attention import _SUPPORTED_D
+
+    assert pc.TRITON_HEAD_DIMS == triton_decode._SUPPORTED_D == _SUPPORTED_D
+    model = make_tiny_model(head_dim=8)
+    assert pc._triton_unsupported(model) == f"head dim 8 (supported: {pc.TRITON_HEAD_DIMS})"
+    assert pc._triton_unsupported(make_tiny_model(head_dim=16)) is None
+
+    class _Cuda:  # a parameter that reports a CUDA device (the cache only reads its .device)
+        device = torch.device("cuda")
+
+    monkeypatch.setattr(type(model), "parameters", lambda self, recurse=True: iter([_Cuda()]))
+    with pytest.warns(UserWarning, match="head dim 8"):
+        cache = PagedDMSCache(model, num_layers=2)
+    assert cache.backend == "torch"

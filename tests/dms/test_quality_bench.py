@@ -308,3 +308,22 @@ def test_smoke_run_evaluates_baselines_at_the_memory_cr_dms_achieved(tmp_path):
     r = json.loads((ev / "h2o@cr8-matched.json").read_text())
     assert r["cr"] == new and r["budget_tokens"] == 78 and r["memory_cr"] == pytest.approx(256 / 78)
     assert json.loads((tmp_path / "q.json").read_text())["summary"]["matched_budget_cr8"] == new
+
+
+def test_tf32_setting_is_scoped():
+    """The base-model build and bench_quality turn TF32 on for their own run only (a GPU run of the suite saw a
+    later fp32 kernel test compare against a TF32 reference after a build had switched it on for good)."""
+    import torch
+
+    from dms.base_models import tf32_matmuls
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with tf32_matmuls(True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    try:
+        with tf32_matmuls(True):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
