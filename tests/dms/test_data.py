@@ -23,6 +23,7 @@ from dms.data import (  # noqa: E402
 )
 
 CORPUS = Path("/work/shared/data/corpus/validation.jsonl.gz")
+needs_corpus = pytest.mark.skipif(not CORPUS.exists(), reason=f"the shared corpus ({CORPUS}) is not on this machine")
 WORDS = "the a of and to in is it that hello world doc one two three four five six seven eight".split()
 UNK, EOS, PAD = 0, 1, 2
 
@@ -149,6 +150,7 @@ def test_chat_template_rendering():
     assert packed.input_ids[0].tolist() == ids("one hello world two the doc") + [EOS, PAD]
 
 
+@needs_corpus
 def test_packing_is_deterministic_and_local_corpus():
     tok = make_bpe_tokenizer()
     cfg = DataConfig(source=str(CORPUS), max_documents=3, seq_len=128)
@@ -194,6 +196,7 @@ def test_load_txt_jsonl_parquet(tmp_path):
     assert packed.input_ids.flatten().tolist() == ids("hello world") + [EOS] + ids("the doc") + [EOS] + ids("one") + [EOS]  # 8 tokens: 2 full rows
 
 
+@needs_corpus
 def test_load_shared_corpus():
     ds = load_texts(DataConfig(source=str(CORPUS), max_documents=5))
     assert len(ds) == 5 and all(isinstance(t, str) and t for t in ds["text"])
