@@ -351,7 +351,8 @@ def time_paged_step(args, model, cache, ids, ctx, timer, fuse=None, fuse_gemm=No
     ``fuse`` / ``fuse_gemm``: fused elementwise / projection kernels in the step (dms.decode_fusion; None = the
     GraphedDecodeStep defaults, on with graphs)."""
     warmup = 3
-    if args.cuda_graphs == "on" and ids.device.type == "cuda":
+    # graphs need the Triton cache backend, which a model with an unsupported head dim does not get (PagedDMSCache)
+    if args.cuda_graphs == "on" and ids.device.type == "cuda" and getattr(cache, "backend", "triton") == "triton":
         from dms.graphs import GraphedDecodeStep
 
         pos = torch.full_like(ids, ctx)
@@ -592,12 +593,14 @@ def bench_real_model(args, dev, timer, rows):
             st = cache.stats()
             nxt = torch.randint(0, model.config.vocab_size, (B, 1), generator=g).to(dev)
             res[name] = dict(ms=time_paged_step(args, model, cache, nxt, ctx, timer), memory_cr=st["memory_cr"],
-                             bytes_live=st["bytes_live"], bytes_dense=st["bytes_dense"])
+                             bytes_live=st["bytes_live"], bytes_dense=st["bytes_dense"], backend=cache.backend)
             del cache
     row = dict(section="real_model", checkpoint=args.real_model, layers=model.config.num_hidden_layers, context=ctx,
                batch=B, prompt="text" if args.real_prompt_file else "random ids", dms_ms=res["dms"]["ms"],
                no_evict_ms=res["no_evict"]["ms"], speedup_vs_no_evict=res["no_evict"]["ms"] / res["dms"]["ms"],
-               memory_cr=res["dms"]["memory_cr"], kv_live_fraction=res["dms"]["bytes_live"] / res["dms"]["bytes_dense"])
+               memory_cr=res["dms"]["memory_cr"], kv_live_fraction=res["dms"]["bytes_live"] / res["dms"]["bytes_dense"],
+               cache_backend=res["dms"]["backend"],
+               cuda_graphs=args.cuda_graphs == "on" and dev.type == "cuda" and res["dms"]["backend"] == "triton")
     rows.append(row)
     print(f"real model {args.real_model}: ctx={ctx} B={B} memory CR {row['memory_cr']:.2f}; step {row['dms_ms']:.2f} ms "
           f"vs eviction off {row['no_evict_ms']:.2f} ms ({row['speedup_vs_no_evict']:.2f}x)", flush=True)

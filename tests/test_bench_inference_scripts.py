@@ -78,6 +78,8 @@ def test_bench_decode_real_model_row(tmp_path, tiny_dms_checkpoint_factory):
     assert row["context"] == 48 and row["batch"] == 2 and row["prompt"] == "text"
     assert row["memory_cr"] > 1.0 and _pos(row["dms_ms"]) and _pos(row["no_evict_ms"])
     assert res["summary"]["real_model_memory_cr"] == row["memory_cr"]
+    # the tiny checkpoint's head dim (8) is not one the Triton kernels take: PyTorch cache backend, no graphs
+    assert row["cache_backend"] == "torch" and row["cuda_graphs"] is False
     # eviction_off: nothing evicted inside, the checkpoint's offset back afterwards
     m2, _ = dms.load(str(ckpt))
     before = dms.dms_state(m2).config.alpha_offset
