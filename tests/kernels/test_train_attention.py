@@ -210,6 +210,31 @@ def test_tensor_descriptor_mode_parsing(monkeypatch):
         tma.use_tma(x)
 
 
+def test_tensor_descriptor_allocator_installed_only_where_missing():
+    """Device-side descriptors need a Triton allocator: ensure_allocator installs a torch-backed one in a context
+    that has none (e.g. autograd's backward thread) and leaves a user's own allocator alone."""
+    import contextvars
+
+    from triton.runtime._allocation import NullAllocator, _allocator
+
+    from dms_kernels import tma
+
+    def run():
+        _allocator.set(NullAllocator())
+        tma.ensure_allocator()
+        mine = _allocator.get()
+        assert not isinstance(mine, NullAllocator) and mine(64, 16, None).numel() == 64
+
+        def users(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        _allocator.set(users)
+        tma.ensure_allocator()
+        assert _allocator.get() is users
+
+    contextvars.copy_context().run(run)  # the test's own context keeps whatever it had
+
+
 def test_all_evicted_no_nan():
     """log_keep = -inf everywhere, window 0: each query sees only itself, so o = v (per group)."""
     B, H, hkv, T, D = 1, 4, 2, 37, 16
