@@ -70,7 +70,7 @@ def get_train_kernel(name: str, device: torch.device, query=None, key=None) -> C
     """The training-attention kernel registered as ``name``; ``auto`` picks ``triton`` on CUDA where it is installed,
     else ``eager``. Given the layer's ``query`` / ``key``, ``auto`` also falls back to ``eager`` (with a warning,
     once per reason) when the Triton kernel does not support them (its ``unsupported_reason(q, k)`` attribute: head
-    dims 16/32/64/128/256, fp16/bf16/fp32), instead of failing."""
+    dims above 256, dtypes other than fp16/bf16/fp32), instead of failing."""
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_available() else "eager"
         if name == "triton" and query is not None:

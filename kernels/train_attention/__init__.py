@@ -22,20 +22,36 @@ _SUPPORTED_D = (16, 32, 64, 128, 256)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def padded_head_dim(D: int) -> int | None:
+    """The kernel head dim that serves ``D``: the smallest of ``_SUPPORTED_D`` >= D (other sizes run zero-padded,
+    which changes no score and no output column), or None above 256."""
+    return next((d for d in _SUPPORTED_D if d >= D), None)
+
+
 def unsupported_reason(q, k) -> str | None:
-    """Why the Triton kernels cannot take these inputs (e.g. ``"head dim 80"``), or None when they can."""
+    """Why the Triton kernels cannot take these inputs (e.g. ``"head dim 320"``), or None when they can."""
     D = q.shape[-1]
-    if D not in _SUPPORTED_D:
-        return f"head dim {D} (supported: {_SUPPORTED_D})"
+    if padded_head_dim(D) is None:
+        return f"head dim {D} (at most {_SUPPORTED_D[-1]})"
     if q.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {q.dtype}"
     return None
 
 
+def _pad_head_dim(*ts):
+    """Zero-pad the last dim of each tensor up to :func:`padded_head_dim` (differentiable; same tensors if no pad)."""
+    D = ts[0].shape[-1]
+    Dp = padded_head_dim(D)
+    if Dp == D:
+        return ts
+    return tuple(torch.nn.functional.pad(t, (0, Dp - D)) for t in ts)
+
+
 def _validate(q, k, v, log_keep, window, doc_ids, scale):
     B, H, hkv, T, D = check_inputs(q, k, v, log_keep, window, doc_ids)
-    if D not in _SUPPORTED_D:
-        raise ValueError(f"head dim D={D} not supported by the Triton kernel; supported: {_SUPPORTED_D}")
+    if padded_head_dim(D) is None:
+        raise ValueError(f"head dim D={D} not supported by the Triton kernel (at most {_SUPPORTED_D[-1]}); "
+                         "use the flex or eager attention implementation")
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype in {_SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device == log_keep.device):
@@ -108,7 +124,8 @@ def dms_attention(q, k, v, log_keep, window, doc_ids=None, scale=None, *, doc_bo
     """Fused Triton DMS training attention (differentiable in q, k, v and log_keep).
 
     Args:
-        q: ``[B, H, T, D]`` queries (fp16 / bf16 / fp32; D in 16, 32, 64, 128, 256).
+        q: ``[B, H, T, D]`` queries (fp16 / bf16 / fp32; D <= 256: 16, 32, 64, 128, 256 run as they are, other
+            sizes zero-padded to the next of these, which is exact).
         k, v: ``[B, Hkv, T, D]``, same dtype, ``H % Hkv == 0`` (query head h uses KV head h // (H // Hkv)).
         log_keep: ``[B, Hkv, T]`` per-key ``log(1 - alpha)`` (0 keep, -inf evicted), used in fp32.
         window: keys with ``q - k <= window`` are fully visible; beyond, ``log_keep[k]`` is added.
@@ -122,6 +139,10 @@ def dms_attention(q, k, v, log_keep, window, doc_ids=None, scale=None, *, doc_bo
     """
     _, _, _, _, D = _validate(q, k, v, log_keep, window, doc_ids, scale)
     scale = D ** -0.5 if scale is None else float(scale)
+    if padded_head_dim(D) != D:  # e.g. 80 -> 128: zero columns change no score; the output's are dropped
+        qp, kp, vp = _pad_head_dim(q, k, v)
+        o, lse = _DMSAttention.apply(qp, kp, vp, log_keep, int(window), doc_ids, scale, bool(_has_dms), doc_bounds)
+        return o[..., :D], lse
     return _DMSAttention.apply(q, k, v, log_keep, int(window), doc_ids, scale, bool(_has_dms), doc_bounds)
 
 
@@ -147,8 +168,10 @@ def dms_attention_hard(q, k, v, evict_bool_or_log_keep, window, doc_ids=None, sc
     scale = D ** -0.5 if scale is None else float(scale)
     from .triton_fwd import dms_attention_fwd
 
+    q, k, v = _pad_head_dim(q, k, v)
     q, k, v, lk, docs = _prep(q, k, v, lk, doc_ids, strided=True)
-    return dms_attention_fwd(q, k, v, lk, int(window), docs, scale, True, out_like_q=True, hard=True)
+    o, lse = dms_attention_fwd(q, k, v, lk, int(window), docs, scale, True, out_like_q=True, hard=True)
+    return o[..., :D], lse
 
 
 def dms_attention_flex(q, k, v, log_keep, window, doc_ids=None, scale=None):

@@ -95,9 +95,9 @@ def test_packed_documents_match_separate_sequences(make_tiny_model, randomize):
 
 
 def test_auto_kernel_falls_back_for_shapes_triton_cannot_take(monkeypatch):
-    """attention_impl='auto' on CUDA picks the Triton kernel, but a head dim it does not support (e.g. 8 or 80)
-    gets the eager reference with one warning, instead of an error mid-training; 'triton' asked by name still
-    raises the kernel's clear error."""
+    """attention_impl='auto' on CUDA picks the Triton kernel, which takes any head dim up to 256 (odd ones run
+    zero-padded); above that, or for a dtype it lacks, 'auto' gets the eager reference with one warning instead of
+    an error mid-training; 'triton' asked by name still raises the kernel's clear error."""
     import warnings
 
     from dms import attention as A
@@ -106,17 +106,19 @@ def test_auto_kernel_falls_back_for_shapes_triton_cannot_take(monkeypatch):
     monkeypatch.setattr(A, "triton_available", lambda: True)
     monkeypatch.setattr(A, "_FALLBACK_WARNED", set())
     cuda = torch.device("cuda")
-    q16, k16 = torch.zeros(1, 2, 4, 16), torch.zeros(1, 1, 4, 16)
+    q8, k8 = torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8)
     q80, k80 = torch.zeros(1, 2, 4, 80), torch.zeros(1, 1, 4, 80)
-    assert A.get_train_kernel("auto", cuda, q16, k16) is ta.dms_attention
-    with pytest.warns(UserWarning, match="head dim 80"):
-        assert A.get_train_kernel("auto", cuda, q80, k80) is ta.dms_attention_reference
+    q320, k320 = torch.zeros(1, 2, 4, 320), torch.zeros(1, 1, 4, 320)
+    assert A.get_train_kernel("auto", cuda, q8, k8) is ta.dms_attention
+    assert A.get_train_kernel("auto", cuda, q80, k80) is ta.dms_attention
+    with pytest.warns(UserWarning, match="head dim 320"):
+        assert A.get_train_kernel("auto", cuda, q320, k320) is ta.dms_attention_reference
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per reason
-        assert A.get_train_kernel("auto", cuda, q80, k80) is ta.dms_attention_reference
-    assert A.get_train_kernel("auto", torch.device("cpu"), q16, k16) is ta.dms_attention_reference
-    assert ta.unsupported_reason(q16.half(), k16.half()) is None
-    assert "dtype" in ta.unsupported_reason(q16.double(), k16.double())
-    assert A.get_train_kernel("triton", cuda, q80, k80) is ta.dms_attention
-    with pytest.raises(ValueError, match="head dim D=80"):
-        ta.dms_attention(q80, k80, k80, torch.zeros(1, 1, 4), 2)
+        assert A.get_train_kernel("auto", cuda, q320, k320) is ta.dms_attention_reference
+    with pytest.warns(UserWarning, match="dtype"):
+        assert A.get_train_kernel("auto", cuda, q8.double(), k8.double()) is ta.dms_attention_reference
+    assert A.get_train_kernel("auto", torch.device("cpu"), q8, k8) is ta.dms_attention_reference
+    assert A.get_train_kernel("triton", cuda, q320, k320) is ta.dms_attention
+    with pytest.raises(ValueError, match="head dim D=320"):
+        ta.dms_attention(q320, k320, k320, torch.zeros(1, 1, 4), 2)

@@ -235,6 +235,23 @@ def test_tensor_descriptor_allocator_installed_only_where_missing():
     contextvars.copy_context().run(run)  # the test's own context keeps whatever it had
 
 
+@pytest.mark.parametrize("D", [8, 24, 80])
+def test_odd_head_dims_run_zero_padded(D):
+    """Head dims outside 16/32/64/128/256 run zero-padded to the next one (8 -> 16, 24 -> 32, 80 -> 128): output,
+    lse and all four gradients equal the reference at the true D (scale D^-0.5), and the hard forward too."""
+    assert ta.padded_head_dim(D) > D and ta.unsupported_reason(torch.zeros(1, 1, 1, D), None) is None
+    _compare(1, 4, 2, 37, D, 5, 2, torch.float32, seed=53 + D)
+    _compare(1, 2, 1, 20, D, 3, 0, torch.float32, seed=59 + D, transposed=True)
+    q, k, v, _, gen = _inputs(1, 4, 2, 37, D, torch.float32, seed=61)
+    evict = torch.rand(1, 2, 37, generator=gen).to(DEV) < 0.5
+    q, k, v = (x.detach() for x in (q, k, v))
+    ref_o, ref_lse = dms_attention_reference(q, k, v, hard_log_keep(evict), 5)
+    o, lse = ta.dms_attention_hard(q, k, v, evict, 5)
+    assert o.shape == q.shape
+    _check("o (hard, padded)", o, ref_o, torch.float32)
+    _check("lse (hard, padded)", lse, ref_lse, torch.float32)
+
+
 def test_all_evicted_no_nan():
     """log_keep = -inf everywhere, window 0: each query sees only itself, so o = v (per group)."""
     B, H, hkv, T, D = 1, 4, 2, 37, 16
@@ -369,8 +386,9 @@ def test_validation_errors():
         ta.dms_attention(q, k, v, lk[:, :, :4], 4)
     with pytest.raises(ValueError, match="window"):
         ta.dms_attention(q, k, v, lk, -1)
-    with pytest.raises(ValueError, match="head dim"):
-        ta.dms_attention(q[..., :12], k[..., :12], v[..., :12], lk, 4)
+    with pytest.raises(ValueError, match="head dim D=320"):
+        big = torch.randn(1, 2, 8, 320, device=DEV)
+        ta.dms_attention(big, big[:, :1], big[:, :1], lk[:, :1], 4)
     with pytest.raises(ValueError, match="dtype"):
         ta.dms_attention(q, k.double(), v, lk, 4)
 
