@@ -285,7 +285,6 @@ def _build_base_model(corpus_dir, out, cfg, seed, device, progress, log) -> dict
     corpus_dir, out = Path(corpus_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} exists and is not empty; choose another --out or delete it")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     train_texts = read_corpus(corpus_dir / "train.jsonl.gz", cfg.max_train_docs)
     val_texts = read_corpus(corpus_dir / "validation.jsonl.gz")

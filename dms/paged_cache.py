@@ -36,6 +36,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from dms_kernels.decode_attention import (
+    SUPPORTED_HEAD_DIMS,
     gather_stream,
     masked_attention_lse,
     paged_append_reference,
@@ -50,7 +51,7 @@ DEFAULT_TORCH_CHUNK = 8192  # prefill chunk of the PyTorch-reference backend (it
 BACKENDS = ("auto", "triton", "torch")
 
 
-TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims of the Triton prefill / decode kernels
+TRITON_HEAD_DIMS = SUPPORTED_HEAD_DIMS  # head dims of the Triton prefill / decode kernels
 
 
 def _triton_unsupported(model) -> str | None:

@@ -42,12 +42,16 @@ from .paged_cache import TRITON_HEAD_DIMS
 PREFIX_IMPL: str | None = None  # None: Triton on CUDA, the reference elsewhere; tests set "triton" on CPU too
 
 
+def _impl(t) -> str:
+    """``PREFIX_IMPL``, else Triton for CUDA tensors of a head dim the kernels take, else the PyTorch reference."""
+    return PREFIX_IMPL or ("triton" if t.is_cuda and t.shape[-1] in TRITON_HEAD_DIMS else "reference")
+
+
 def _prefix_attention(query, keys, values, visible, scaling, samples, length=None):
     """Prefix part: Triton on CUDA, the fp32 reference elsewhere (``dms_kernels.prefix_attention``)."""
     from dms_kernels.prefix_attention import prefix_attention
 
-    impl = PREFIX_IMPL or ("triton" if query.is_cuda and query.shape[-1] in TRITON_HEAD_DIMS else "reference")
-    return prefix_attention(query, keys, values, visible, scaling, samples, impl=impl, length=length)
+    return prefix_attention(query, keys, values, visible, scaling, samples, impl=_impl(query), length=length)
 
 
 SUFFIX_CAPACITY = 64  # initial slots per (sample, KV head); doubles when full
@@ -176,7 +180,7 @@ def _merge(o1, lse1, o2, lse2, out_dtype=None):
     """Exact merge in fp32: ``(o, lse)`` of the union of two disjoint key sets (lse -inf: no key); ``o`` in
     ``out_dtype`` (default fp32). One Triton launch where the prefix kernel is Triton (on CUDA), else PyTorch."""
     D = o1.shape[-1]
-    if (PREFIX_IMPL or ("triton" if o1.is_cuda else "reference")) == "triton" and D & (D - 1) == 0:
+    if _impl(o1) == "triton" and D & (D - 1) == 0:
         from dms_kernels.prefix_attention.triton_kernel import merge_two
 
         return merge_two(o1, lse1, o2, lse2, out_dtype)

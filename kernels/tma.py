@@ -12,6 +12,7 @@ The decode kernel has its own switch (``DMS_DECODE_TMA``, off: slower there on t
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -49,6 +50,7 @@ def aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """This Triton has device-side tensor descriptors and host ones (``triton.tools.tensor_descriptor``); older
     releases (the package allows triton >= 3.2) keep pointer loads everywhere."""

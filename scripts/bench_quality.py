@@ -332,7 +332,7 @@ def _main(args, argv, device) -> int:
             and a cached row that shows other values is stale (evaluated again, overwriting only its own file)."""
             cached = results.get(system.name)
             if cached is not None and not args.re_eval:
-                if fields is None or all(cached.get(k) == v for k, v in fields.items()):
+                if fields is None or bench.row_has_fields(cached, fields):
                     return
                 print(f"[eval {system.name}] cached at CR {cached.get('cr')}, now {fields.get('cr')}: evaluating again",
                       flush=True)

@@ -125,14 +125,22 @@ def matched_fields(dms_name: str, dms_row: dict, cr: float) -> dict:
             "budget_rounding": MATCHED_ROUNDING}
 
 
+def row_has_fields(row: dict | None, fields: dict) -> bool:
+    """``row`` records every one of ``fields`` (see :func:`matched_fields`): ``cr`` to a relative 1e-12, the rest
+    exactly. The one staleness rule for budget-matched rows (the report's and scripts/bench_quality.py's cache)."""
+    if not row:
+        return False
+    return (all(row.get(k) == v for k, v in fields.items() if k != "cr")
+            and (fields.get("cr") is None) == (row.get("cr") is None)
+            and (fields.get("cr") is None or math.isclose(row["cr"], fields["cr"], rel_tol=1e-12)))
+
+
 def matched_row_valid(row: dict | None, dms_name: str, dms_row: dict, cr: float) -> bool:
     """True when ``row`` (a cached ``<baseline>@crC-matched`` evaluation) was run at the memory CR that ``dms_row``
     reports now (False when the DMS run was re-evaluated since, or is missing)."""
-    if not row or not dms_row or dms_row.get("memory_cr") is None:
+    if not dms_row or dms_row.get("memory_cr") is None:
         return False
-    want = matched_fields(dms_name, dms_row, cr)
-    return (all(row.get(k) == v for k, v in want.items() if k != "cr")
-            and row.get("cr") is not None and math.isclose(row["cr"], want["cr"], rel_tol=1e-12))
+    return row_has_fields(row, matched_fields(dms_name, dms_row, cr))
 
 
 def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float, str], baselines: list[str],

@@ -16,8 +16,11 @@ from .reference import (
     ring_size,
 )
 
+# Head dims the Triton decode / chunk kernels take (the callers' backend choice reads it without importing Triton).
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
 __all__ = [
-    "chunk_attention", "gather_stream", "masked_attention_lse", "paged_append", "paged_append_reference",
+    "SUPPORTED_HEAD_DIMS", "chunk_attention", "gather_stream", "masked_attention_lse", "paged_append", "paged_append_reference",
     "paged_decode_attention", "paged_decode_attention_reference", "ring_size",
 ]
 

@@ -16,12 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import SUPPORTED_HEAD_DIMS
+
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a global used inside @triton.jit must be constexpr (compiled, not interpreted)
 POISON_OUTPUTS = os.environ.get("DMS_ATTN_POISON", "0") == "1"
 # Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly (see triton_decode.py): upcast there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SUPPORTED_D = (16, 32, 64, 128, 256)
+_SUPPORTED_D = SUPPORTED_HEAD_DIMS
 
 
 @triton.jit

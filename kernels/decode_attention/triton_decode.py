@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import SUPPORTED_HEAD_DIMS
+
 LOG2E = 1.4426950408889634
 # Tests set this to allocate outputs filled with NaN, so that an unwritten element fails.
 POISON_OUTPUTS = os.environ.get("DMS_ATTN_POISON", "0") == "1"
@@ -324,7 +326,7 @@ def _merge_flat_kernel(OP, LP, O, VALID, LEN, N, P, s_opn, s_lpn, s_ob, s_oh,
     tl.store(O + b * s_ob + (h * G + gq) * s_oh + dv, out.to(O.dtype.element_ty))
 
 
-_SUPPORTED_D = (16, 32, 64, 128, 256)
+_SUPPORTED_D = SUPPORTED_HEAD_DIMS
 # Split sizing and launch defaults of the decode kernel: no program walks more than MAX_PAGES_PER_SPLIT
 # pages and the grid holds >= 4 programs per SM. From the H100 sweep (`scripts/bench_decode.py --sweep`,
 # batch 8, page 64, D 128; docs/benchmarks.md "Decode"): 16 pages with 2 stages was within 1% of the best

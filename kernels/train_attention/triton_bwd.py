@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ..tma import ensure_allocator, use_tma
-from .triton_fwd import (LOG2E, _INTERPRET, _bias_rows, _check_lk2, _empty, _env_cfg, _in_prec, bias_mma_enabled,
-                         lk2_descriptor, split_log_keep)
+from .triton_fwd import (LOG2E, _INTERPRET, _bias_rows, _check_lk2, _empty, _env_cfg, _in_prec, _lk2_stride,
+                         bias_mma_enabled, lk2_descriptor, split_log_keep)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -130,7 +130,7 @@ def _dms_bwd_dkdv_kernel(Q, K, V, LK, LK2, DOC, LAST, DO, LSE, DELTA, DK, DV, DL
     lkr = lk  # placeholders unless FAR_MODE == 4
     ones_t = lk
     if FAR_MODE == 4:
-        tp = (T + 7) // 8 * 8  # triton_fwd.lk2_row_stride
+        tp = _lk2_stride(T)
         lkr = tl.load(LK2 + bhk.to(tl.int64) * 2 * tp + c16[None, :] * tp + offs_n[:, None],
                       mask=(c16[None, :] < 2) & nmask[:, None], other=0.0)
         rows16 = c16[:, None] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
@@ -270,7 +270,7 @@ def _dms_bwd_dq_kernel(Q, K, V, LK, LK2, DOC, FIRST, DO, LSE, DELTA, DQ,
         k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
         v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
     lk_ptr = LK + (b64 * (H // GROUP) + hk) * T
-    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * ((T + 7) // 8 * 8)
+    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * _lk2_stride(T)
     if USE_TMA and FAR_MODE == 4:
         lk2_ptr = lk2_descriptor(lk2_ptr, T, BLOCK_N)
     c16 = tl.arange(0, 16)[None, :] + tl.zeros([BLOCK_M, 16], dtype=tl.int32)

@@ -52,6 +52,12 @@ NEAR, FAR, MIXED, DIAG, FAR_MMA, GATHERED_TAIL = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
+def _lk2_stride(T):
+    # row stride of split_log_keep's rows inside the kernels (lk2_row_stride on the host)
+    return (T + 7) // 8 * 8
+
+
+@triton.jit
 def _bias_rows(lk2_ptr, r16, offs_n, n0, T, USE_TMA: tl.constexpr):
     # [16, BLOCK_N] operand of the FAR-tile bias product: rows 0/1 the (hi, lo) log_keep parts, rows 2-15 zero.
     # USE_TMA: lk2_ptr is a descriptor of the 2 x T rows whose box is 16 rows tall (rows past 2 read as zero), so
@@ -61,14 +67,14 @@ def _bias_rows(lk2_ptr, r16, offs_n, n0, T, USE_TMA: tl.constexpr):
     if USE_TMA:
         rows = lk2_ptr.load([0, n0])
     else:
-        rows = tl.load(lk2_ptr + r16[:, None] * ((T + 7) // 8 * 8) + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
+        rows = tl.load(lk2_ptr + r16[:, None] * _lk2_stride(T) + offs_n[None, :], mask=r16[:, None] < 2, other=0.0)
     return rows
 
 
 @triton.jit
 def lk2_descriptor(lk2_ptr, T, BLOCK_N: tl.constexpr):
     """Tensor descriptor of one head's ``split_log_keep`` rows for :func:`_bias_rows`."""
-    return tl.make_tensor_descriptor(lk2_ptr, shape=[2, T], strides=[(T + 7) // 8 * 8, 1], block_shape=[16, BLOCK_N])
+    return tl.make_tensor_descriptor(lk2_ptr, shape=[2, T], strides=[_lk2_stride(T), 1], block_shape=[16, BLOCK_N])
 
 
 @triton.jit
@@ -169,7 +175,7 @@ def _dms_fwd_kernel(Q, K, V, LK, LK2, DOC, FIRST, O, LSE, FLAGS, KC, VC, CUM,
         k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
         v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[T, HEAD_DIM], strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
     lk_ptr = LK + (b64 * (H // GROUP) + hk) * T
-    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * ((T + 7) // 8 * 8)
+    lk2_ptr = LK2 + (b64 * (H // GROUP) + hk) * 2 * _lk2_stride(T)
     if USE_TMA and FAR_MODE == 4:
         lk2_ptr = lk2_descriptor(lk2_ptr, T, BLOCK_N)
     flag_ptr = FLAGS + (b64 * (H // GROUP) + hk) * tl.cdiv(T, BLOCK_N)
