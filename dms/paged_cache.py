@@ -39,6 +39,8 @@ from dms_kernels.decode_attention import (
     SUPPORTED_HEAD_DIMS,
     gather_stream,
     masked_attention_lse,
+    pack_survivors,
+    pack_survivors_reference,
     paged_append_reference,
     paged_decode_attention_reference,
     ring_size,
@@ -78,15 +80,6 @@ def _hard_chunk_attention(q, k, v, evict, window, doc_ids, scale, use_triton: bo
     from dms_kernels.train_attention.reference import dms_attention_reference, hard_log_keep
 
     return dms_attention_reference(q, k, v, hard_log_keep(evict), window, doc_ids, scale)
-
-
-def _gather_rows(t, b, h, s):
-    """``t[b, h, s]`` rows of ``t [B, Hkv, S, D]`` for index vectors b, h, s, without first copying ``t`` into
-    a contiguous layout when it is a transposed ``[B, S, Hkv, D]`` tensor (transformers' k/v projections)."""
-    B, Hkv, S, D = t.shape
-    if not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
-        return t.transpose(1, 2).reshape(B * S * Hkv, D).index_select(0, (b * S + s) * Hkv + h)
-    return t.reshape(B * Hkv * S, D).index_select(0, (b * Hkv + h) * S + s)
 
 
 class _Ready:
@@ -255,39 +248,11 @@ class PagedDMSCacheLayer(DMSLayerProtocol):
         maxb = max(1, -(-S2 // PS) + headroom_pages)
         j = torch.arange(maxb, device=dev)
         self.block_table = torch.where(j[None, :] < nblk[:, None], starts[:, None] + j[None, :], 0).to(torch.int32)
-        if total:
-            # survivors in position order: order[n, r] = index (in S) of stream n's r-th survivor (a scatter
-            # by running count; dropped keys go to a dump column S2)
-            kf = keep.view(N, S)
-            rank_s = kf.cumsum(-1) - 1
-            order = torch.zeros(N, S2 + 1, dtype=torch.long, device=dev)
-            order.scatter_(1, torch.where(kf, rank_s, S2), torch.arange(S, device=dev).expand(N, S))
-            owner = torch.repeat_interleave(torch.arange(N, device=dev), nblk, output_size=total)  # page -> stream
-            rank = (torch.arange(total, device=dev) - starts[owner])[:, None] * PS + torch.arange(PS, device=dev)
-            ok = rank < counts[owner][:, None]  # [total, PS] slot holds a survivor
-            s_src = order[owner[:, None], rank.clamp(max=S2 - 1)].view(-1)  # source position of every slot
-            o_src = owner.repeat_interleave(PS)
-            b_src, h_src = o_src // Hkv, o_src % Hkv
-            self.k_pool[:total] = _gather_rows(keys, b_src, h_src, s_src).view(total, PS, self.D).to(self.dtype)
-            self.v_pool[:total] = _gather_rows(values, b_src, h_src, s_src).view(total, PS, self.DV).to(self.dtype)
-            src = o_src * S + s_src  # flat index into [N * S]
-            p = torch.where(ok.view(-1), pos.reshape(N * S).index_select(0, src), -1)  # [total * PS]
-            e = ev.reshape(N * S).index_select(0, src) & ok.view(-1)
-            self.pos_pool[:total] = p.view(total, PS).to(torch.int32)
-            # ring entries (decisions still pending or recyclable) of the kept keys; others go to a dump column
-            seen = self.seen_s.long().index_select(0, o_src)
-            ring = (p >= 0) & (p >= seen - self.R)
-            col = torch.where(ring, p % self.R, self.R)
-            flat = o_src * (self.R + 1) + col
-            rs = torch.full((N * (self.R + 1),), -1, dtype=torch.int32, device=dev)
-            re = torch.zeros(N * (self.R + 1), dtype=torch.bool, device=dev)
-            rs.scatter_(0, flat, rank.view(-1).to(torch.int32))
-            re.scatter_(0, flat, e)
-            self.ring_slot = rs.view(N, self.R + 1)[:, : self.R].contiguous()
-            self.ring_ev = re.view(N, self.R + 1)[:, : self.R].contiguous()
-        else:
-            self.ring_slot = torch.full((N, self.R), -1, dtype=torch.int32, device=dev)
-            self.ring_ev = torch.zeros(N, self.R, dtype=torch.bool, device=dev)
+        # survivors into their pages in position order, and their ring entries (one Triton launch, or the
+        # PyTorch reference's gathers)
+        pack = pack_survivors if (self.backend == "triton" and total) else pack_survivors_reference
+        self.ring_slot, self.ring_ev = pack(keys, values, pos, ev, keep, counts, starts, self.seen_s, self.R,
+                                            self.k_pool, self.v_pool, self.pos_pool, total=total, max_count=S2)
         cap = self.capacity
         free = cap - total
         self.free_stack = torch.cat([torch.arange(cap - 1, total - 1, -1, device=dev),

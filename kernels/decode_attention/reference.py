@@ -170,3 +170,61 @@ def masked_attention_lse(query, keys, values, q_pos, k_pos, k_evict, window: int
         outs.append(torch.matmul(p, vf))
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def pack_survivors_reference(keys, values, pos, ev, keep, counts, starts, seen, R: int, k_pool, v_pool, pos_pool,
+                             total: int | None = None, max_count: int | None = None):
+    """Write each stream's surviving keys into its pages, in position order (the paged cache's repack).
+
+    Args:
+        keys/values ``[B, Hkv, S, D]`` (any strides, e.g. transposed ``[B, S, Hkv, D]`` projections), pos
+        ``[B, Hkv, S]`` positions (-1 empty), ev ``[B, Hkv, S]`` bool evict flags, keep ``[B, Hkv, S]`` bool
+        survivors, counts ``[N]`` survivors per stream (``N = B * Hkv``, stream ``n = b * Hkv + h``), starts
+        ``[N]`` first page of each stream (pages of a stream are consecutive), seen ``[N]`` tokens seen, R ring
+        size; k_pool/v_pool ``[pages, PS, D]``, pos_pool ``[pages, PS]`` int32, written in place; total / max_count:
+        the pages in use and the largest count when the caller knows them on the host (else read here: syncs).
+    Returns:
+        ``(ring_slot [N, R] int32, ring_ev [N, R] bool)``: for kept keys whose position ``p >= seen - R`` the
+        slot (rank in its stream) and evict flag at column ``p % R``; -1 / False elsewhere.
+
+    Slot ``r`` of a stream (page ``starts + r // PS``, offset ``r % PS``) holds its ``r``-th survivor; slots past
+    the last survivor in its last page get position -1 (their key bytes are left unspecified but finite).
+    """
+    B, Hkv, S = pos.shape
+    N, PS, dev = B * Hkv, k_pool.shape[1], pos.device
+    counts, starts = counts.long(), starts.long()
+    nblk = (counts + PS - 1) // PS
+    total = int(nblk.sum()) if total is None else int(total)
+    if total == 0:
+        return torch.full((N, R), -1, dtype=torch.int32, device=dev), torch.zeros(N, R, dtype=torch.bool, device=dev)
+    S2 = int(counts.max()) if max_count is None else int(max_count)
+    # order[n, r] = index (in S) of stream n's r-th survivor (a scatter by running count; dropped keys go to a dump
+    # column S2)
+    kf = keep.reshape(N, S)
+    rank_s = kf.cumsum(-1) - 1
+    order = torch.zeros(N, S2 + 1, dtype=torch.long, device=dev)
+    order.scatter_(1, torch.where(kf, rank_s, S2), torch.arange(S, device=dev).expand(N, S))
+    owner = torch.repeat_interleave(torch.arange(N, device=dev), nblk, output_size=total)  # page -> stream
+    first = starts[owner]  # the pool rows [starts[n], starts[n] + nblk[n]) of each stream
+    page = first + (torch.arange(total, device=dev) - (torch.cumsum(nblk, 0) - nblk)[owner])
+    rank = (page - first)[:, None] * PS + torch.arange(PS, device=dev)
+    ok = rank < counts[owner][:, None]  # [total, PS] slot holds a survivor
+    s_src = order[owner[:, None], rank.clamp(max=S2 - 1)].view(-1)  # source position of every slot
+    o_src = owner.repeat_interleave(PS)
+    b_src, h_src = o_src // Hkv, o_src % Hkv
+    k_pool[page] = keys[b_src, h_src, s_src].view(total, PS, -1).to(k_pool.dtype)
+    v_pool[page] = values[b_src, h_src, s_src].view(total, PS, -1).to(v_pool.dtype)
+    src = o_src * S + s_src  # flat index into [N * S]
+    p = torch.where(ok.view(-1), pos.reshape(N * S).index_select(0, src), -1)  # [total * PS]
+    e = ev.reshape(N * S).index_select(0, src) & ok.view(-1)
+    pos_pool[page] = p.view(total, PS).to(torch.int32)
+    # ring entries (decisions still pending or recyclable) of the kept keys; others go to a dump column
+    sn = seen.long().index_select(0, o_src)
+    ring = (p >= 0) & (p >= sn - R)
+    col = torch.where(ring, p % R, R)
+    flat = o_src * (R + 1) + col
+    rs = torch.full((N * (R + 1),), -1, dtype=torch.int32, device=dev)
+    re = torch.zeros(N * (R + 1), dtype=torch.bool, device=dev)
+    rs.scatter_(0, flat, rank.view(-1).to(torch.int32))
+    re.scatter_(0, flat, e)
+    return rs.view(N, R + 1)[:, :R].contiguous(), re.view(N, R + 1)[:, :R].contiguous()

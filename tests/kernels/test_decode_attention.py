@@ -244,3 +244,59 @@ def test_paged_cache_triton_backend_equals_reference_cache(make_tiny_model, rand
         o2 = m.generate(turn, past_key_values=cache, **kw2)
         assert torch.equal(r2.sequences, o2.sequences)
         torch.testing.assert_close(torch.stack(o2.logits, 1), torch.stack(r2.logits, 1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("B,Hkv,S,PS,D,W", [(1, 1, 1, 16, 16, 0), (2, 3, 37, 16, 32, 4), (1, 2, 150, 32, 16, 64),
+                                            (3, 1, 70, 16, 64, 200)])
+def test_pack_survivors_matches_reference(B, Hkv, S, PS, D, W, transposed):
+    """The Triton repack writes the same pages, positions and ring entries as the PyTorch one, into a reused
+    pool full of stale entries (random keep masks, some streams empty, keys as transposed projections too)."""
+    from dms_kernels.decode_attention import pack_survivors
+    from dms_kernels.decode_attention.reference import pack_survivors_reference
+
+    g = torch.Generator().manual_seed(B * 1000 + S + D)
+    N = B * Hkv
+    if transposed:  # [B, S, Hkv, D] storage viewed as [B, Hkv, S, D], as transformers' k/v projections
+        keys = torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2)
+        values = torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2)
+    else:
+        keys, values = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    keys, values = keys.to(DEV), values.to(DEV)
+    seen = torch.randint(S, S + 5, (N,), generator=g)
+    pos = (seen[:, None] - S + torch.arange(S)).view(B, Hkv, S)
+    pos = pos.masked_fill(torch.rand(B, Hkv, S, generator=g) < 0.1, -1)  # empty columns
+    ev = torch.rand(B, Hkv, S, generator=g) < 0.4
+    keep = (pos >= 0) & (torch.rand(B, Hkv, S, generator=g) < 0.7)
+    keep[0, 0] = False  # an empty stream
+    counts = keep.view(N, S).sum(-1)
+    nblk = (counts + PS - 1) // PS
+    starts = torch.cumsum(nblk, 0) - nblk
+    total = int(nblk.sum())
+    R = ring_size(W)
+    pools = []
+    for _ in range(2):
+        kp = torch.full((total + 3, PS, D), 7.0)
+        vp = torch.full((total + 3, PS, D), -7.0)
+        pp = torch.full((total + 3, PS), 12345, dtype=torch.int32)  # stale positions the repack must overwrite
+        pools.append([kp.to(DEV), vp.to(DEV), pp.to(DEV)])
+    args = [t.to(DEV) for t in (pos, ev, keep, counts, starts, seen)]
+    rs_r, re_r = pack_survivors_reference(keys, values, *args, R, *pools[0])
+    rs_t, re_t = pack_survivors(keys, values, *args, R, *pools[1])
+    assert torch.equal(rs_t, rs_r) and torch.equal(re_t, re_r)
+    (kr, vr, pr), (kt, vt, pt) = pools
+    live = pr[:total] >= 0
+    assert int(live.sum()) == int(counts.sum())
+    assert torch.equal(pt[:total], pr[:total])  # survivors' positions and -1 tails
+    assert torch.equal(kt[:total][live], kr[:total][live]) and torch.equal(vt[:total][live], vr[:total][live])
+    assert torch.equal(pt[total:], pr[total:]) and bool((pt[total:] == 12345).all())  # pages beyond untouched
+    # position order within each stream, keys where they came from
+    for n in range(N):
+        b, h = divmod(n, Hkv)
+        c = int(counts[n])
+        if c:
+            sl = pr[int(starts[n]):int(starts[n]) + int(nblk[n])].reshape(-1)[:c]
+            src = keep[b, h].nonzero().squeeze(-1)
+            assert torch.equal(sl.cpu().long(), pos[b, h, src])
+            ks = kr[int(starts[n]):int(starts[n]) + int(nblk[n])].reshape(-1, D)[:c]
+            assert torch.equal(ks, keys[b, h, src.to(DEV)])
