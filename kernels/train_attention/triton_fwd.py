@@ -358,8 +358,59 @@ def gathered_far_enabled() -> bool:
     return os.environ.get("DMS_ATTN_GATHER", "1") != "0"
 
 
+@triton.jit
+def _compact_kernel(K, V, LK, CUM, KC, VC, T, s_kb, s_kh, s_kt, HKV: tl.constexpr, D: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
+    # Program (stream n, block of positions): each kept key's row goes to row cum[t] of the stream's compact copy;
+    # rows at or past the stream's count become zeros (the filler must be finite: a masked tile still multiplies
+    # its V rows by p = 0).
+    n = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = n // HKV
+    h = n % HKV
+    inb = t < T
+    keep = (tl.load(LK + n.to(tl.int64) * T + t, mask=inb, other=float("-inf")) == 0) & inb
+    rank = tl.load(CUM + n.to(tl.int64) * (T + 1) + t, mask=inb, other=0)
+    count = tl.load(CUM + n.to(tl.int64) * (T + 1) + T)
+    d = tl.arange(0, D)
+    src = b.to(tl.int64) * s_kb + h * s_kh + t.to(tl.int64)[:, None] * s_kt + d[None, :]
+    dst_base = n.to(tl.int64) * T * D
+    kr = tl.load(K + src, mask=keep[:, None], other=0.0)
+    vr = tl.load(V + src, mask=keep[:, None], other=0.0)
+    dst = dst_base + rank.to(tl.int64)[:, None] * D + d[None, :]
+    tl.store(KC + dst, kr, mask=keep[:, None])
+    tl.store(VC + dst, vr, mask=keep[:, None])
+    fill = inb & (t >= count)
+    zdst = dst_base + t.to(tl.int64)[:, None] * D + d[None, :]
+    tl.store(KC + zdst, tl.zeros([BLOCK_T, D], KC.dtype.element_ty), mask=fill[:, None])
+    tl.store(VC + zdst, tl.zeros([BLOCK_T, D], VC.dtype.element_ty), mask=fill[:, None])
+
+
+def compact_kept(k, v, lk, block_t: int = 64):
+    """Triton :func:`gather_kept` (same returns) in one launch besides the cumulative sum; the filler rows past
+    each stream's kept keys are zeros. k and v need equal strides and a unit last stride."""
+    B, hkv, T = lk.shape
+    D = k.shape[-1]
+    if k.stride() != v.stride() or k.stride(-1) != 1 or not lk.is_contiguous():
+        raise ValueError(f"compact_kept needs k and v with equal strides and a unit last stride, and a contiguous lk; "
+                         f"got strides {k.stride()} / {v.stride()}, lk contiguous: {lk.is_contiguous()}")
+    cum = torch.zeros(B, hkv, T + 1, dtype=torch.int32, device=lk.device)
+    torch.cumsum(lk == 0, -1, dtype=torch.int32, out=cum[..., 1:])
+    kc = torch.empty(B, hkv, T, D, dtype=k.dtype, device=k.device)
+    vc = torch.empty_like(kc)
+    _compact_kernel[(B * hkv, triton.cdiv(T, block_t))](
+        k, v, lk, cum, kc, vc, T, k.stride(0), k.stride(1), k.stride(2), HKV=hkv, D=D, BLOCK_T=block_t, num_warps=4)
+    return kc, vc, cum
+
+
+def compact_enabled() -> bool:
+    """The gathered FAR region is compacted by :func:`compact_kept` (one Triton launch); ``DMS_ATTN_COMPACT=0``
+    uses the PyTorch :func:`gather_kept` (a scatter and two gathers)."""
+    return os.environ.get("DMS_ATTN_COMPACT", "1") != "0"
+
+
 def gather_kept(k, v, lk):
-    """Kept keys of a hard mask, compacted: ``(kc, vc, cum)``.
+    """Kept keys of a hard mask, compacted: ``(kc, vc, cum)`` (PyTorch form; :func:`compact_kept` is the kernel).
 
     ``kc/vc [B, Hkv, T, D]`` (contiguous) hold each stream's keys with ``lk == 0`` in position order at the
     front (the rest is filler that the kernel never reads unmasked); ``cum [B, Hkv, T + 1]`` int32 counts the
@@ -414,7 +465,7 @@ def dms_attention_fwd(q, k, v, lk, window, docs, scale, has_dms=True, lk2=None, 
     if bias_mma:
         _check_lk2(lk2, lk)
     flags = hard_tile_flags(lk, bn) if (hard and bias_mma and hard_tile_flags_enabled()) else None
-    kc, vc, cum = gather_kept(k, v, lk) if gathered else (lse, lse, lse)
+    kc, vc, cum = (compact_kept if compact_enabled() else gather_kept)(k, v, lk) if gathered else (lse, lse, lse)
     # H100, L=8192, DMS on, 128x128/8/2 (bench --sweep, session 8): descriptor loads of K/V alone made this forward
     # slower (6.21 vs 5.67 ms); with the bias operand also a bulk copy (_bias_rows) 5.97 vs 6.19 ms in one run.
     # Hard-mask prefill (gathered FAR region, bench_decode --sections prefill, 8K): 37.87 vs 38.04 ms.

@@ -319,17 +319,43 @@ def test_hard_mask_gathered_far_region(case, dtype, monkeypatch):
     q, k, v = (x.detach() for x in (q, k, v))
     ref_o, ref_lse = dms_attention_reference(q.float(), k.float(), v.float(), hard_log_keep(evict), W)
     calls = []
-    real = triton_fwd.gather_kept
-    monkeypatch.setattr(triton_fwd, "gather_kept", lambda *a: calls.append(1) or real(*a))
+    real = triton_fwd.compact_kept
+    monkeypatch.setattr(triton_fwd, "compact_kept", lambda *a: calls.append(1) or real(*a))
     o, lse = ta.dms_attention_hard(q, k, v, evict, W)
     assert calls, "the gathered path was not taken"
     _check("o", o, ref_o, dtype)
     _check("lse", lse, ref_lse, dtype)
+    monkeypatch.setenv("DMS_ATTN_COMPACT", "0")  # the PyTorch compaction: same result
+    o1, lse1 = ta.dms_attention_hard(q, k, v, evict, W)
+    assert len(calls) == 1
+    torch.testing.assert_close(o1, o, atol=0, rtol=0)
     monkeypatch.setenv("DMS_ATTN_GATHER", "0")
     o2, lse2 = ta.dms_attention_hard(q, k, v, evict, W)
     assert len(calls) == 1
     _check("o (bias path)", o2, ref_o, dtype)
     torch.testing.assert_close(lse, lse2, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_compact_kept_matches_gather_kept(transposed):
+    """The Triton compaction == the PyTorch one on the kept rows, zeros after them (odd T, an all-evicted and an
+    all-kept stream, keys as a transposed [B, T, Hkv, D] projection)."""
+    g = torch.Generator().manual_seed(5)
+    B, hkv, T, D = 2, 3, 77, 32
+    k = torch.randn(B, T, hkv, D, generator=g) if transposed else torch.randn(B, hkv, T, D, generator=g)
+    k = (k.transpose(1, 2) if transposed else k).to(DEV)
+    v = k * 3 - 1
+    lk = torch.where(torch.rand(B, hkv, T, generator=g) < 0.3, float("-inf"), 0.0).to(DEV)
+    lk[0, 1] = float("-inf")
+    lk[1, 2] = 0.0
+    kc, vc, cum = triton_fwd.compact_kept(k, v, lk)
+    kr, vr, cr = triton_fwd.gather_kept(k, v, lk)
+    assert torch.equal(cum, cr)
+    for b in range(B):
+        for h in range(hkv):
+            c = int(cum[b, h, -1])
+            assert torch.equal(kc[b, h, :c], kr[b, h, :c]) and torch.equal(vc[b, h, :c], vr[b, h, :c])
+            assert not kc[b, h, c:].any() and not vc[b, h, c:].any()
 
 
 def test_gather_kept_layout():
