@@ -218,8 +218,16 @@ def _retention_head_rows_kernel(X, NW, PW, PB, Z, R, C, sx, eps, NOUT,
 HEAD_ROWS_PER_OUTPUT = 64
 
 
-def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float) -> torch.Tensor:
-    """Fused :func:`reference.retention_head_reference`: x ``[..., C]`` -> fp32 ``[..., n_out]``."""
+# Block rows / columns, warps and stages of the many-rows (prefill) retention-head kernel. Two H100 sweeps at 8K rows x
+# 4096 (session 9, docs/results/retention_head_sweep.json) put every tried setting at 131-184 us, this one at
+# 157-162 us, with no setting ahead in both; fp32-FMA and split-over-columns forms of the kernel did no better.
+RETENTION_ROWS_CFG = dict(BLOCK_R=64, BLOCK_C=64, num_warps=4, num_stages=3)
+
+
+def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float, cfg: dict | None = None) -> torch.Tensor:
+    """Fused :func:`reference.retention_head_reference`: x ``[..., C]`` -> fp32 ``[..., n_out]``.
+
+    cfg: launch configuration of the many-rows kernel (keys of ``RETENTION_ROWS_CFG``; a benchmark hook)."""
     C = x.shape[-1]
     n_out = proj_weight.shape[0]
     if proj_weight.shape != (n_out, C) or norm_weight.shape != (C,) or proj_bias.shape != (n_out,):
@@ -236,11 +244,11 @@ def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float) -> torch.
         _retention_head_kernel[(R, n_out)](x2, nw, pw, pb, z, C, x2.stride(0), float(eps), n_out,
                                            BLOCK=blk, num_warps=4)
     elif R:
-        br, bc = 64, 64
-        _retention_head_rows_kernel[(triton.cdiv(R, br),)](x2, nw, pw, pb, z, R, C, x2.stride(0), float(eps), n_out,
-                                                           BLOCK_R=br, BLOCK_C=bc, NO_P2=max(16, _pow2(n_out)),
-                                                           IN_PREC="tf32x3" if _has_tf32(x.device) else "ieee",
-                                                           num_warps=4)
+        c = dict(RETENTION_ROWS_CFG, **(cfg or {}))
+        _retention_head_rows_kernel[(triton.cdiv(R, c["BLOCK_R"]),)](
+            x2, nw, pw, pb, z, R, C, x2.stride(0), float(eps), n_out, BLOCK_R=c["BLOCK_R"], BLOCK_C=c["BLOCK_C"],
+            NO_P2=max(16, _pow2(n_out)), IN_PREC="tf32x3" if _has_tf32(x.device) else "ieee",
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
     return z.view(*x.shape[:-1], n_out)
 
 

@@ -104,13 +104,15 @@ def test_silu_mul(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,C,n_out", [(1, 64, 1), (3, 200, 8), (5, 1000, 3), (2, 96, 32),
                                          (70, 100, 8), (97, 64, 1), (65, 48, 20)])  # > 64 rows: row blocks
-def test_retention_head(dtype, rows, C, n_out):
+@pytest.mark.parametrize("block_r", [16, 64])
+def test_retention_head(dtype, rows, C, n_out, block_r):
     g = torch.Generator().manual_seed(rows + C + n_out)
     x = (torch.randn(rows, 1, C, generator=g) * 2).to(dtype).to(DEV)
     nw = (1 + 0.1 * torch.randn(C, generator=g)).to(DEV)
     pw = (torch.randn(n_out, C, generator=g) / C ** 0.5).to(DEV)
     pb = torch.randn(n_out, generator=g).to(DEV)
-    z = fo.retention_head(x, nw, pw, pb, 1e-6)
+    # rows <= 64 take the per-(row, output) kernel whatever the rows-kernel cfg says
+    z = fo.retention_head(x, nw, pw, pb, 1e-6, cfg=dict(BLOCK_R=block_r, BLOCK_C=32))
     assert z.shape == (rows, 1, n_out) and z.dtype == torch.float32
     torch.testing.assert_close(z, ref.retention_head_reference(x, nw, pw, pb, 1e-6), rtol=1e-4, atol=1e-4)
 
