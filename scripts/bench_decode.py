@@ -362,7 +362,7 @@ def time_paged_step(args, model, cache, ids, ctx, timer, fuse=None, fuse_gemm=No
     return timer.median_ms(lambda: model(ids, past_key_values=cache, use_cache=True), warmup=warmup, reps=args.steps)
 
 
-def profile_call(fn, rows, info, top=15):
+def profile_call(fn, rows, info, top=15, gap_top=12):
     """Device time per kernel name of one eager ``fn()`` (a decode step runs the same kernels as its graph
     replay), and the wall time around it: busy << wall means the host (launches, syncs) is the bound."""
     from torch.profiler import ProfilerActivity, profile
@@ -387,6 +387,23 @@ def profile_call(fn, rows, info, top=15):
         rows.append(dict(section="profile", kernel=name[:120], us=us, calls=k, share=us / max(total, 1e-9), **info))
         print(f"  {us / 1e3:8.3f} ms {k:5d}x  {name[:100]}", flush=True)
     rows.append(dict(section="profile_total", busy_ms=total / 1e3, wall_ms=wall, kernels=n, **info))
+    # idle gaps between consecutive kernels: where the device waits for the host (a sync, or launches that
+    # cannot keep up), named by the kernels on both sides
+    kern = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+    gaps, end = [], None
+    for i, e in enumerate(kern):
+        if end is not None and e.time_range.start - end > 0:
+            gaps.append((e.time_range.start - end, i))
+        end = e.time_range.end if end is None else max(end, e.time_range.end)
+    idle = sum(g for g, _ in gaps)
+    print(f"  idle between kernels: {idle / 1e3:.3f} ms in {len(gaps)} gaps; largest:", flush=True)
+    rows.append(dict(section="profile_idle", idle_ms=idle / 1e3, gaps=len(gaps),
+                     gaps_over_20us=sum(1 for g, _ in gaps if g > 20), **info))
+    for g, i in sorted(gaps, reverse=True)[:gap_top]:
+        before, after = kern[i - 1].name[:80], kern[i].name[:80]
+        rows.append(dict(section="profile_gap", us=g, kernel_index=i, before=before, after=after, **info))
+        print(f"  {g:8.1f} us before kernel {i:4d}: {before[:60]} -> {after[:60]}", flush=True)
     # host side: where the wall time that the device sits idle goes (syncs show as cudaStreamSynchronize,
     # cudaMemcpyAsync of device->host copies, aten::item / aten::nonzero)
     cpu = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
@@ -672,7 +689,7 @@ def _bench_prefill(args, model, dev, timer, rows):
             ms = timer.median_ms(run, warmup=2, reps=args.prefill_reps if not args.smoke else 1)
             st = holder["c"].stats()
             if args.profile and dev.type == "cuda" and ctx == min(args.ctxs):
-                profile_call(run, rows, dict(what=f"prefill {name}", context=ctx, batch=1, ms=ms))
+                profile_call(run, rows, dict(what=f"prefill {name}", context=ctx, batch=1, ms=ms), top=40)
             res[name] = dict(ms=ms, memory_cr=st["memory_cr"], alloc_fraction=st["bytes_allocated"] / st["bytes_dense"],
                              live_fraction=st["bytes_live"] / st["bytes_dense"])
             del holder
@@ -684,6 +701,9 @@ def _bench_prefill(args, model, dev, timer, rows):
                 model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
 
         sdpa_ms = timer.median_ms(run_sdpa, warmup=2, reps=args.prefill_reps if not args.smoke else 1)
+        if args.profile and dev.type == "cuda" and ctx == min(args.ctxs):
+            # the dense SDPA path too, so that the DMS prefill's extra kernels show as a difference of two lists
+            profile_call(run_sdpa, rows, dict(what="prefill sdpa", context=ctx, batch=1, ms=sdpa_ms), top=40)
         row = dict(section="prefill", layers=len(model.model.layers), context=ctx, batch=1, cr8_ms=res["cr8"]["ms"],
                    no_evict_ms=res["dense"]["ms"], sdpa_dense_ms=sdpa_ms,
                    ratio_vs_dense=res["dense"]["ms"] / sdpa_ms, cr8_ratio_vs_dense=res["cr8"]["ms"] / sdpa_ms,
