@@ -650,6 +650,36 @@ def calibrate_retention(model, evict_fraction, dev, T=2048):
             l.self_attn.dms_retention.proj.bias.copy_(thr - q)
 
 
+def host_time(fn, dev, reps=3):
+    """Median host time of ``fn()`` split into waiting for the paged cache's survivor counts (its one sync per
+    layer) and everything else (Python, launches): a ``host_busy_ms`` near the device time means the host, not
+    the GPU, bounds the prefill."""
+    from dms import paged_cache
+
+    orig = paged_cache._Pending.result
+    busy, wait = [], []
+    for _ in range(reps):
+        waits = []
+
+        def timed(self):
+            t = time.perf_counter()
+            r = orig(self)
+            waits.append(time.perf_counter() - t)
+            return r
+
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        with mock.patch.object(paged_cache._Pending, "result", timed):
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        busy.append((t1 - t0 - sum(waits)) * 1e3)
+        wait.append(sum(waits) * 1e3)
+    return dict(host_busy_ms=sorted(busy)[len(busy) // 2], host_wait_ms=sorted(wait)[len(wait) // 2])
+
+
 def bench_prefill(args, model, dev, timer, rows):
     full = model.model.layers
     if args.prefill_layers and args.prefill_layers < len(full):
@@ -691,7 +721,7 @@ def _bench_prefill(args, model, dev, timer, rows):
             if args.profile and dev.type == "cuda" and ctx == min(args.ctxs):
                 profile_call(run, rows, dict(what=f"prefill {name}", context=ctx, batch=1, ms=ms), top=40)
             res[name] = dict(ms=ms, memory_cr=st["memory_cr"], alloc_fraction=st["bytes_allocated"] / st["bytes_dense"],
-                             live_fraction=st["bytes_live"] / st["bytes_dense"])
+                             live_fraction=st["bytes_live"] / st["bytes_dense"], **host_time(run, dev))
             del holder
         # dense causal prefill: the same weights with DMS off (transformers' SDPA path and DynamicCache)
         from transformers import DynamicCache
@@ -701,6 +731,7 @@ def _bench_prefill(args, model, dev, timer, rows):
                 model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
 
         sdpa_ms = timer.median_ms(run_sdpa, warmup=2, reps=args.prefill_reps if not args.smoke else 1)
+        sdpa_host = host_time(run_sdpa, dev)
         if args.profile and dev.type == "cuda" and ctx == min(args.ctxs):
             # the dense SDPA path too, so that the DMS prefill's extra kernels show as a difference of two lists
             profile_call(run_sdpa, rows, dict(what="prefill sdpa", context=ctx, batch=1, ms=sdpa_ms), top=40)
@@ -708,7 +739,9 @@ def _bench_prefill(args, model, dev, timer, rows):
                    no_evict_ms=res["dense"]["ms"], sdpa_dense_ms=sdpa_ms,
                    ratio_vs_dense=res["dense"]["ms"] / sdpa_ms, cr8_ratio_vs_dense=res["cr8"]["ms"] / sdpa_ms,
                    cr8_vs_no_evict=res["cr8"]["ms"] / res["dense"]["ms"], memory_cr=res["cr8"]["memory_cr"],
-                   kv_alloc_fraction=res["cr8"]["alloc_fraction"], kv_live_fraction=res["cr8"]["live_fraction"])
+                   kv_alloc_fraction=res["cr8"]["alloc_fraction"], kv_live_fraction=res["cr8"]["live_fraction"],
+                   no_evict_host_busy_ms=res["dense"]["host_busy_ms"], no_evict_host_wait_ms=res["dense"]["host_wait_ms"],
+                   sdpa_host_busy_ms=sdpa_host["host_busy_ms"])
         for on, tag, what in ((args.tile_flags, "flags", "DMS_ATTN_TILE_FLAGS=1"),
                               (args.compare_far, "bias", "DMS_ATTN_GATHER=0 (bias-product far tiles)")):
             if not on:
@@ -723,7 +756,8 @@ def _bench_prefill(args, model, dev, timer, rows):
         print(f"prefill ctx={ctx}: DMS nothing evicted {row['no_evict_ms']:.1f} ms, CR 8 {row['cr8_ms']:.1f} ms, "
               f"dense causal (SDPA) {sdpa_ms:.1f} ms -> ratio {row['ratio_vs_dense']:.3f} (CR 8: "
               f"{row['cr8_ratio_vs_dense']:.3f}); memory CR {row['memory_cr']:.2f}, KV alloc fraction "
-              f"{row['kv_alloc_fraction']:.3f}", flush=True)
+              f"{row['kv_alloc_fraction']:.3f}; host busy {row['no_evict_host_busy_ms']:.1f} ms (waits "
+              f"{row['no_evict_host_wait_ms']:.1f} ms) vs SDPA {row['sdpa_host_busy_ms']:.1f} ms", flush=True)
     return out
 
 
