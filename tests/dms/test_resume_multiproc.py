@@ -40,11 +40,29 @@ def _port() -> int:
     return p
 
 
+def _launch_env() -> dict:
+    """The launchers' environment: offline, CPU DeepSpeed, no inherited fault; the repository goes in front of an
+    inherited PYTHONPATH, not in its place (packages installed on a PYTHONPATH, e.g. DeepSpeed on the GPU machine,
+    stay importable in the launched processes)."""
+    path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONPATH=path, DS_ACCELERATOR="cpu")
+    env.pop("DMS_TEST_FAULT", None)
+    return env
+
+
+def test_launch_env_keeps_an_inherited_pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/opt/site")
+    monkeypatch.setenv("DMS_TEST_FAULT", "x")
+    env = _launch_env()
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/opt/site"] and "DMS_TEST_FAULT" not in env
+    monkeypatch.delenv("PYTHONPATH")
+    assert _launch_env()["PYTHONPATH"] == str(REPO)
+
+
 def launch(recipe: Path, out: Path, *extra, fault: str | None = None, nproc: int = 2, config_file: Path | None = None,
            timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
-    env.pop("DMS_TEST_FAULT", None)
+    env = _launch_env()
     if fault:
         env["DMS_TEST_FAULT"] = fault
     if config_file is not None:  # DeepSpeed: accelerate launch (the JSON's "auto" values are filled by dms)
@@ -328,9 +346,7 @@ def launch_nodes(recipe: Path, out: Path, *extra, fault_node1: str | None = None
     Returns ``(return codes, outputs)``, node 0 first. ``fault_node1`` goes to node 1's environment only;
     ``while_running(procs, log_paths)`` is called once both launchers have started.
     """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
-    env.pop("DMS_TEST_FAULT", None)
+    env = _launch_env()
     port = _port()
     procs, logs = [], []
     for node in (0, 1):
