@@ -41,12 +41,13 @@ def _port() -> int:
 
 
 def _launch_env() -> dict:
-    """The launchers' environment: offline, CPU DeepSpeed, no inherited fault; the repository goes in front of an
-    inherited PYTHONPATH, not in its place (packages installed on a PYTHONPATH, e.g. DeepSpeed on the GPU machine,
-    stay importable in the launched processes)."""
+    """The launchers' environment: offline, CPU DeepSpeed, no inherited fault, no GPU (these are CPU multi-process
+    tests; on a one-GPU machine rank 1 would otherwise ask for cuda:1 and fail with "invalid device ordinal"). The
+    repository goes in front of an inherited PYTHONPATH, not in its place (packages installed on a PYTHONPATH, e.g.
+    DeepSpeed on the GPU machine, stay importable in the launched processes)."""
     path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=path, DS_ACCELERATOR="cpu")
+               PYTHONPATH=path, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     env.pop("DMS_TEST_FAULT", None)
     return env
 
@@ -56,6 +57,7 @@ def test_launch_env_keeps_an_inherited_pythonpath(monkeypatch):
     monkeypatch.setenv("DMS_TEST_FAULT", "x")
     env = _launch_env()
     assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/opt/site"] and "DMS_TEST_FAULT" not in env
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
     monkeypatch.delenv("PYTHONPATH")
     assert _launch_env()["PYTHONPATH"] == str(REPO)
 
