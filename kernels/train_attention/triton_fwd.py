@@ -12,8 +12,9 @@ do per-element mask work (``q``/``k`` below are positions, ``W`` the window):
 * DIAG   (tiles on the diagonal): causal mask (+ window mask) and the ``k < T`` bound.
 
 Hard masks (``log_keep`` in {0, -inf}: prefill, teacher-forced evaluation) without documents take a
-*gathered* FAR region instead (:func:`gather_kept`): the kept keys, compacted in position order into a
-copy of K/V, are the only keys a FAR tile can see, so FAR tiles become plain tiles over that copy (mode
+*gathered* FAR region instead (:func:`compact_kept`, PyTorch form :func:`gather_kept`): the kept keys,
+compacted in position order into a copy of K/V, are the only keys a FAR tile can see, so FAR tiles become
+plain tiles over that copy (mode
 ``GATHERED``; only the last, partial one masks its columns) with no bias at all, and evicted keys cost
 nothing there. The MIXED / NEAR / DIAG tiles read the original keys as above.
 
