@@ -335,6 +335,13 @@ MAX_PAGES_PER_SPLIT = 16
 SPLIT_PROGRAMS_PER_SM = 4
 DEFAULT_WARPS = 4
 DEFAULT_STAGES = 2
+# From this many streams (sequences x KV heads) on, the split kernel pipelines its page loads 3 deep
+# (MANY_STREAMS_STAGES). H100, session 9, bench_decode --sections kernel, stages 2 / 3 / 2 / 3 interleaved in one lease
+# (docs/results/decode_kernel_stages_s9.json): at batch 8 (64 streams) 3 stages lifted skewed 8K from 0.781 / 0.781 to
+# 0.805 / 0.801 of copy bandwidth and ragged CR 8 32K from 1.28x to 1.24x ideal, dense rows within 0.01; at batch 1
+# (8 streams) they lost (dense 8K 0.82 -> 0.70); at batch 32 they gave and took 0.02 by row.
+MANY_STREAMS = 64
+MANY_STREAMS_STAGES = 3
 # The flat grid: this many programs per SM (all resident at once; each holds two 64 x 128 bf16 K/V tiles
 # per stage in shared memory).
 FLAT_PROGRAMS_PER_SM = 2
@@ -342,9 +349,14 @@ KERNELS = ("split", "flat")
 # Split kernel: mask V tiles by slot position (True) or by the stream length only (False, the default: the V load
 # then does not wait for the positions). H100, CUDA graphs, batch 8 (scripts/bench_decode_variants.py,
 # docs/results/decode_kernel_variants.json, fractions of copy bandwidth, True -> False): dense 8K 0.81 -> 0.86,
-# skewed 8K 0.72 -> 0.76, CR 8 32K 0.70 -> 0.74, dense 32K 0.96 -> 0.96. 3 stages, 8 warps and two pages per
-# loop iteration were timed too and were not better overall.
+# skewed 8K 0.72 -> 0.76, CR 8 32K 0.70 -> 0.74, dense 32K 0.96 -> 0.96. 8 warps and two pages per loop iteration
+# were timed too and were not better overall (3 stages: see MANY_STREAMS).
 V_MASK_POS = False
+
+
+def split_stages(n_streams: int) -> int:
+    """Default pipeline depth of the split kernel for ``n_streams`` streams (see ``MANY_STREAMS``)."""
+    return MANY_STREAMS_STAGES if n_streams >= MANY_STREAMS else DEFAULT_STAGES
 
 
 def decode_tma_default(device) -> bool:
@@ -403,7 +415,8 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         when that would leave the device under-filled), so that streams of very different lengths
         (DMS heads keep different numbers of tokens) spread over many programs instead of the longest
         stream's few programs running alone at the end; empty splits of short streams exit at once.
-        num_warps / num_stages: Triton launch options (defaults: ``DEFAULT_WARPS`` / ``DEFAULT_STAGES``).
+        num_warps / num_stages: Triton launch options (defaults: ``DEFAULT_WARPS`` / :func:`split_stages` for the split
+            kernel, ``DEFAULT_STAGES`` for the flat one).
         kernel: ``split`` or ``flat`` (module docstring; default :func:`default_kernel`); flat_programs: the
         flat grid (default ``FLAT_PROGRAMS_PER_SM`` x SMs); the split options above do not apply to it.
         use_tma: ``split`` kernel only: read pages through tensor descriptors (one bulk copy per page); None
@@ -441,7 +454,7 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
     if num_warps is None:
         num_warps = DEFAULT_WARPS if PS * D >= 64 * 128 else 2
     if num_stages is None:
-        num_stages = DEFAULT_STAGES
+        num_stages = split_stages(N) if kernel == "split" else DEFAULT_STAGES
     if kernel == "flat":
         P = int(flat_programs) if flat_programs is not None else FLAT_PROGRAMS_PER_SM * _num_sms(q.device)
         if P < 1:

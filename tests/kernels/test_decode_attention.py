@@ -300,3 +300,16 @@ def test_pack_survivors_matches_reference(B, Hkv, S, PS, D, W, transposed):
             assert torch.equal(sl.cpu().long(), pos[b, h, src])
             ks = kr[int(starts[n]):int(starts[n]) + int(nblk[n])].reshape(-1, D)[:c]
             assert torch.equal(ks, keys[b, h, src.to(DEV)])
+
+
+def test_split_kernel_stages_default():
+    """The split kernel pipelines 3 deep from MANY_STREAMS streams on, 2 below; an explicit num_stages wins."""
+    assert td.split_stages(td.MANY_STREAMS - 1) == td.DEFAULT_STAGES == 2
+    assert td.split_stages(td.MANY_STREAMS) == td.MANY_STREAMS_STAGES == 3
+    lens = [5, 40, 0, 17] * 16  # 64 streams
+    k, v, pos, bt, sl = _store(lens, 16, 64, torch.float32)
+    q = torch.randn(16, 4 * 2, 64, device=DEV)
+    ref = paged_decode_attention_reference(q, k, v, pos, bt, sl, 0.125)
+    for st in (None, 2):
+        out = td.paged_decode_attention(q, k, v, pos, bt, sl, 0.125, num_stages=st)
+        torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
