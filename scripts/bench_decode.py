@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+import zlib
 from unittest import mock
 
 import torch
@@ -160,6 +161,13 @@ def copy_bandwidth(dev, timer, nbytes):
     return 2 * nbytes / (ms * 1e-3)
 
 
+def row_generator(section: str, ctx: int, B: int, name: str) -> torch.Generator:
+    """The CPU generator of one benchmark row's random lengths and page layout, seeded by the row itself (section,
+    context, batch, length pattern), so a row holds the same lengths whichever other rows a run includes and in
+    every script that builds it (bench_decode_variants.py uses the kernel section's rows)."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{section}:{ctx}:{B}:{name}".encode()))
+
+
 def ragged_lengths(B, Hkv, ctx, cr, window, gen):
     """Per-stream held lengths: skewed (log-normal) kept fractions, mean held = ctx / cr, window included."""
     if cr <= 1:
@@ -194,7 +202,6 @@ def bench_kernel(args, dev, timer, copy_bw, rows):
 
     H, Hkv, D = (32, 8, 128) if not args.smoke else (8, 2, 64)
     PS = args.page_size
-    gen = torch.Generator().manual_seed(0)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
     out = {}
     for ctx in args.ctxs:
@@ -203,6 +210,7 @@ def bench_kernel(args, dev, timer, copy_bw, rows):
             # skew2: per-head lengths skewed around ctx / 2 (a CR-2 cache): load balance at dense-like volume,
             # where the CR-8 rows (1/8 of the bytes) also measure the fixed per-call latency
             for name, cr in (("dense", 1.0), ("cr8", args.cr), ("skew2", 2.0)):
+                gen = row_generator("kernel", ctx, B, name)
                 lens = ragged_lengths(B, Hkv, ctx, cr, args.window, gen)
                 k, v, pos, bt, sl = build_store(lens, PS, D, torch.bfloat16, dev, gen)
                 q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
@@ -264,7 +272,6 @@ def sweep_kernel(args, dev, timer, copy_bw, rows):
 
     H, Hkv, D = (32, 8, 128) if not args.smoke else (8, 2, 64)
     PS = args.page_size
-    gen = torch.Generator().manual_seed(7)
     grid = [(p, w, st) for p in (2, 4, 8, 16, 32) for w in (4, 8) for st in (2, 3, 4)]
     if args.smoke:
         grid = grid[:2]
@@ -272,6 +279,7 @@ def sweep_kernel(args, dev, timer, copy_bw, rows):
     best = {}
     for ctx in args.ctxs:
         for name, cr in (("dense", 1.0), ("cr8", args.cr)):
+            gen = row_generator("kernel", ctx, B, name)  # the kernel section's rows
             lens = ragged_lengths(B, Hkv, ctx, cr, args.window, gen)
             k, v, pos, bt, sl = build_store(lens, PS, D, torch.bfloat16, dev, gen)
             q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
@@ -436,7 +444,6 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
     model = make_model(args, dev)
     cfg = model.config
     Hkv, D = cfg.num_key_value_heads, cfg.head_dim
-    gen = torch.Generator().manual_seed(1)
     res = {}
     # (b) transformers' own decode step: SDPA + DynamicCache (cat on every update), before the retrofit.
     for ctx in args.ctxs:
@@ -467,6 +474,7 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
     for ctx in args.ctxs:
         for B in args.bs:
             for name, cr in (("dense", 1.0), ("cr8", args.cr)):
+                gen = row_generator("e2e", ctx, B, name)
                 lens = ragged_lengths(B, Hkv, ctx, cr, args.window, gen)
                 cache = PagedDMSCache(model, page_size=args.page_size)
                 cache._bench_window = args.window
@@ -551,6 +559,7 @@ def bench_e2e(args, dev, timer, copy_bw, rows, kernel_rows):
     r8 = [r for r in rows if r["section"] == "e2e_step" and r["context"] == ctx and r["batch"] == B0][0]
     B_max = int(B0 / max(r8["kv_alloc_fraction"], 1e-6))
     B_run = min(B_max, 64 if not args.smoke else 8)
+    gen = row_generator("fixed_memory", ctx, B_run, "cr8")
     lens = ragged_lengths(B_run, Hkv, ctx, args.cr, args.window, gen)
     cache = PagedDMSCache(model, page_size=args.page_size)
     cache._bench_window = args.window

@@ -52,11 +52,11 @@ def main(argv=None) -> int:
     timer = bd.Timer(dev)
     copy_bw = bd.copy_bandwidth(dev, timer, 4 << 30)
     H, Hkv, D, PS = 32, 8, 128, 64
-    gen = torch.Generator().manual_seed(0)
     rows = []
     saved = td.V_MASK_POS
     try:
         for ctx, B, name, cr in ROWS:
+            gen = bd.row_generator("kernel", ctx, B, name)  # the same lengths as bench_decode.py's kernel row
             lens = bd.ragged_lengths(B, Hkv, ctx, cr, args.window, gen)
             k, v, pos, bt, sl = bd.build_store(lens, PS, D, torch.bfloat16, dev, gen)
             q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 decode = pytest.importorskip("dms_scripts.bench_decode")
 shared = pytest.importorskip("dms_scripts.bench_shared_prefix")
@@ -107,3 +108,17 @@ def test_bench_skinny_gemm_smoke_with_sweep(tmp_path, monkeypatch):
         assert all(s["max_err"] < 1e-2 for s in r["sweep"]) and r["best"] in r["sweep"]
         assert r["weight_copies"] * r["weight_bytes"] >= 4 * res["l2_bytes"]  # each call reads DRAM, not L2
     assert skinny.main(["--smoke", "--rows", "17", "--out", str(out)]) == 2
+
+
+def test_row_generator_fixes_each_rows_lengths():
+    """A benchmark row draws the same per-head lengths whatever other rows ran before it (and in
+    bench_decode_variants.py, which builds the kernel section's rows with the same generator)."""
+    def lens(ctx, B, name):
+        return decode.ragged_lengths(B, 8, ctx, 2.0, 256, decode.row_generator("kernel", ctx, B, name))
+
+    first = lens(8192, 8, "skew2")
+    lens(32768, 32, "skew2"), lens(8192, 8, "cr8")  # other rows in between
+    assert torch.equal(lens(8192, 8, "skew2"), first)
+    assert not torch.equal(lens(8192, 8, "cr8"), first)
+    assert not torch.equal(decode.ragged_lengths(8, 8, 8192, 2.0, 256, decode.row_generator("e2e", 8192, 8, "skew2")),
+                           first)
