@@ -27,7 +27,7 @@ def _pack_kernel(K, V, POS, EV, KEEP, RANK, COUNTS, STARTS, SEEN, KP, VP, PP, RS
     offs = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     inb = offs < S
     row = n.to(tl.int64) * S + offs
-    kp = (tl.load(KEEP + row, mask=inb, other=0) != 0) & inb
+    kp = tl.load(KEEP + row, mask=inb, other=0) != 0
     rank = tl.load(RANK + row, mask=kp, other=0)  # inclusive count - 1
     start = tl.load(STARTS + n).to(tl.int64)
     page = start + rank // PS
@@ -73,7 +73,7 @@ def pack_survivors(keys, values, pos, ev, keep, counts, starts, seen, R: int, k_
     rs = torch.full((N, R), -1, dtype=torch.int32, device=dev)
     re = torch.zeros(N, R, dtype=torch.int8, device=dev)
     if S == 0 or N == 0:
-        return rs, re.bool()
+        return rs, re.view(torch.bool)  # 0 / 1 bytes: a view, no copy
     kf = keep.reshape(N, S)
     rank = (torch.cumsum(kf, -1, dtype=torch.int32) - 1).contiguous()
     _pack_kernel[(N, triton.cdiv(S, block_s))](
@@ -84,4 +84,4 @@ def pack_survivors(keys, values, pos, ev, keep, counts, starts, seen, R: int, k_
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         HKV=Hkv, PS=PS, D=D, DV=DV, BLOCK_S=block_s, num_warps=4,
     )
-    return rs, re.bool()
+    return rs, re.view(torch.bool)  # 0 / 1 bytes: a view, no copy

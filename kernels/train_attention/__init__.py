@@ -139,11 +139,11 @@ def dms_attention(q, k, v, log_keep, window, doc_ids=None, scale=None, *, doc_bo
     """
     _, _, _, _, D = _validate(q, k, v, log_keep, window, doc_ids, scale)
     scale = D ** -0.5 if scale is None else float(scale)
-    if padded_head_dim(D) != D:  # e.g. 80 -> 128: zero columns change no score; the output's are dropped
-        qp, kp, vp = _pad_head_dim(q, k, v)
-        o, lse = _DMSAttention.apply(qp, kp, vp, log_keep, int(window), doc_ids, scale, bool(_has_dms), doc_bounds)
-        return o[..., :D], lse
-    return _DMSAttention.apply(q, k, v, log_keep, int(window), doc_ids, scale, bool(_has_dms), doc_bounds)
+    # head dims other than the kernel's run zero-padded (e.g. 80 -> 128): zero columns change no score, the output's
+    # are dropped
+    qp, kp, vp = _pad_head_dim(q, k, v)
+    o, lse = _DMSAttention.apply(qp, kp, vp, log_keep, int(window), doc_ids, scale, bool(_has_dms), doc_bounds)
+    return o[..., :D], lse
 
 
 dms_attention.precompute_doc_bounds = precompute_doc_bounds  # dms.attention.ForwardPlan.attend looks for it

@@ -308,9 +308,8 @@ def _dms_bwd_dq_kernel(Q, K, V, LK, LK2, DOC, FIRST, DO, LSE, DELTA, DQ,
 BWD_CONFIG_OVERRIDE: dict | None = None
 
 
-def bwd_config(D: int, dtype: torch.dtype, tma: bool = False) -> tuple[dict, dict]:
-    """(dK/dV/dlog_keep config with BLOCK_N keys x BLOCK_M query tiles, dQ config); ``tma``: the kernels will
-    read through tensor descriptors (:mod:`dms_kernels.tma`)."""
+def bwd_config(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(dK/dV/dlog_keep config with BLOCK_N keys x BLOCK_M query tiles, dQ config)."""
     if BWD_CONFIG_OVERRIDE is not None:
         return dict(BWD_CONFIG_OVERRIDE["dkdv"]), dict(BWD_CONFIG_OVERRIDE["dq"])
     e1, e2 = _env_cfg("DMS_ATTN_DKDV_CFG"), _env_cfg("DMS_ATTN_DQ_CFG")
@@ -329,14 +328,12 @@ def bwd_config(D: int, dtype: torch.dtype, tma: bool = False) -> tuple[dict, dic
     else:
         # H100, L=8192, bf16, D=128 (--sweep): dK/dV 32q x 64k, 4 warps 10.5 ms vs 64x128/8 warps 12.1 ms
         # (no mask 10.2 ms); dQ 128x64/8 warps/3 stages 5.45 ms without the DMS term, 128x128 5.77 ms.
+        # With tensor-descriptor loads (session 8, DMS on, ms with the matmul / elementwise log_keep add and without
+        # the DMS term) the same tiles stay best: dK/dV 32x64/4/3 TMA 10.46 / 9.91 / 8.76 vs pointer loads 11.62 /
+        # 10.68 / 10.30 (64x128/8/2 TMA 18.1); dQ with the bias operand a bulk copy too (_bias_rows): 128x64/8/3
+        # 6.56 / 8.31 / 5.60, 128x128/8/2 6.78 / 7.48 / 5.66, pointer loads 128x128/8/2 6.92 / 7.68 / 5.86 (one run).
         d1 = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)
         d2 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-        if tma:
-            # H100, same shape, DMS on (--sweep, session 8), ms with the matmul / elementwise log_keep add and
-            # without the DMS term: dK/dV 32x64/4/3 TMA 10.46 / 9.91 / 8.76 vs pointer loads 11.62 / 10.68 / 10.30
-            # (64x128/8/2 TMA 18.1). dQ with the bias operand a bulk copy too (_bias_rows): 128x64/8/3 6.56 / 8.31 /
-            # 5.60, 128x128/8/2 6.78 / 7.48 / 5.66, pointer loads 128x128/8/2 6.92 / 7.68 / 5.86 (one run).
-            d2 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return e1 or d1, e2 or d2
 
 
@@ -362,7 +359,7 @@ def dms_attention_bwd(do, q, k, v, lk, o, lse, window, docs, scale, has_dms=True
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     dlk = _empty((B, hkv, T), torch.float32, q.device)
-    c1, c2 = bwd_config(D, q.dtype, tma=use_tma(q, do) and use_tma(k, v))
+    c1, c2 = bwd_config(D, q.dtype)
     launch_dkdv(q, k, v, lk, do, lse, delta, dk, dv, dlk, W, docs, scale, has_dms, c1, lk2)
     launch_dq(q, k, v, lk, do, lse, delta, dq, W, docs, scale, has_dms, c2, lk2)
     return dq, dk, dv, dlk
