@@ -9,7 +9,12 @@ per-call cost shows (batch 8 / 32, dense, ragged CR 8 and lengths skewed around 
 - ``default``: masked by the stream length only (the default);
 - ``stages3`` / ``warps8``: the default with 3 pipeline stages / 8 warps;
 - ``tma`` / ``tma_stages3`` / ``tma_stages4``: pages read by bulk copies through tensor descriptors (``use_tma=True``),
-  2 / 3 / 4 stages.
+  2 / 3 / 4 stages;
+- ``no_pdl``: the split and merge kernels launched without programmatic dependent launch (``pdl=False``);
+- ``pps8`` / ``pps12`` / ``pps20`` / ``pps24`` / ``stages4``: the default with splits of 8 / 12 / 20 / 24 pages, or 4
+  pipeline stages.
+
+``--variants`` picks some, ``--repeat`` times each row that many times over, the variants interleaved.
 
     python scripts/bench_decode_variants.py --out docs/results/decode_kernel_variants.json
 """
@@ -32,6 +37,12 @@ VARIANTS = {
     "tma": (False, dict(use_tma=True)),
     "tma_stages3": (False, dict(use_tma=True, num_stages=3)),
     "tma_stages4": (False, dict(use_tma=True, num_stages=4)),
+    "no_pdl": (False, dict(pdl=False)),
+    "pps8": (False, dict(pages_per_split=8)),
+    "pps12": (False, dict(pages_per_split=12)),
+    "pps20": (False, dict(pages_per_split=20)),
+    "pps24": (False, dict(pages_per_split=24)),
+    "stages4": (False, dict(num_stages=4)),
 }
 
 
@@ -39,6 +50,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/results/decode_kernel_variants.json")
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--repeat", type=int, default=1, help="time each row this many times, variants interleaved")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: this benchmark times CUDA graphs; it needs a CUDA GPU", file=sys.stderr)
@@ -63,12 +76,18 @@ def main(argv=None) -> int:
             live = int(lens.sum()) * D * 2 * 2
             max_len = int(lens.max())
             row = dict(context=ctx, batch=B, lengths=name, live_bytes=live)
-            for vname, (vmask, kw) in VARIANTS.items():
-                td.V_MASK_POS = vmask
-                fn = lambda: td.paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5, max_len=max_len,  # noqa: E731
-                                                       kernel="split", **kw)
-                ms = timer.graph_ms(fn, reps=10)
-                row[vname] = round(live / (ms * 1e-3) / copy_bw, 4)
+            for rep in range(args.repeat):
+                for vname in args.variants:
+                    vmask, kw = VARIANTS[vname]
+                    td.V_MASK_POS = vmask
+                    fn = lambda: td.paged_decode_attention(q, k, v, pos, bt, sl, D ** -0.5,  # noqa: E731
+                                                           max_len=max_len, kernel="split", **kw)
+                    ms = timer.graph_ms(fn, reps=10)
+                    frac = round(live / (ms * 1e-3) / copy_bw, 4)
+                    if args.repeat == 1:
+                        row[vname] = frac
+                    else:
+                        row.setdefault(vname, []).append(frac)
             rows.append(row)
             print(row, flush=True)
     finally:

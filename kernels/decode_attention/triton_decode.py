@@ -8,7 +8,8 @@ page from the free stack with an atomic when the slot opens a block. No host syn
 all ``G = H / Hkv`` query heads of its KV head (padded to 16 rows for ``tl.dot``), so every K/V byte is
 read once per step; it walks a range of pages with an online softmax in fp32 and writes a partial
 output and log-sum-exp; a second kernel merges the partials (log-sum-exp weighted) and writes
-``[B, H, D]`` in the query dtype. Two ways to cut the work (``kernel=``):
+``[B, H, D]`` in the query dtype. On Hopper both are launched with programmatic dependent launch (``PDL_DEFAULT``), so
+that each one's programs are in place when its predecessor finishes. Two ways to cut the work (``kernel=``):
 
 * ``split``: grid ``(N streams, splits)``, every stream cut into splits of a fixed number of pages;
 * ``flat``: a fixed grid of ``P`` programs (a multiple of the SM count) over the concatenation of all
@@ -35,6 +36,11 @@ import triton
 import triton.language as tl
 
 from . import SUPPORTED_HEAD_DIMS
+
+try:  # programmatic dependent launch (Hopper on): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays off (pdl_default)
+    gdc_launch_dependents = gdc_wait = None
 
 LOG2E = 1.4426950408889634
 # Tests set this to allocate outputs filled with NaN, so that an unwritten element fails.
@@ -203,7 +209,10 @@ def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_s
                          s_qb, s_qh, s_kp, s_kt, s_vp, s_vt, s_bt, s_opn, s_ops, s_lpn,
                          HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          PS: tl.constexpr, IEEE: tl.constexpr, V_MASK_POS: tl.constexpr = False,
-                         USE_TMA: tl.constexpr = False):
+                         USE_TMA: tl.constexpr = False, PDL: tl.constexpr = False):
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes, let the merge in
+        gdc_wait()
+        gdc_launch_dependents()
     n = tl.program_id(0)
     split = tl.program_id(1)
     b = n // HKV
@@ -226,7 +235,10 @@ def _decode_split_kernel(Q, KP, VP, POSP, BT, LEN, OP, LP, qk_scale, pages_per_s
 @triton.jit
 def _merge_kernel(OP, LP, O, VALID, LEN, pages_per_split, n_grid, s_opn, s_ops, s_lpn, s_ob, s_oh,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, SP: tl.constexpr,
-                  PS: tl.constexpr, HAS_VALID: tl.constexpr = True):
+                  PS: tl.constexpr, HAS_VALID: tl.constexpr = True, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     n = tl.program_id(0)
     g = tl.program_id(1)
     b = n // HKV
@@ -352,6 +364,14 @@ KERNELS = ("split", "flat")
 # skewed 8K 0.72 -> 0.76, CR 8 32K 0.70 -> 0.74, dense 32K 0.96 -> 0.96. 8 warps and two pages per loop iteration
 # were timed too and were not better overall (3 stages: see MANY_STREAMS).
 V_MASK_POS = False
+# Programmatic dependent launch of the split and merge kernels (pdl_default): each kernel's programs are dispatched
+# while the kernel before it drains, and wait (griddepcontrol.wait) for its writes before reading. H100, session 10,
+# bench_decode_variants.py, PDL / plain launches interleaved, 3 repeats (docs/results/decode_kernel_pdl_s10.json):
+# skewed 8K/B8 0.79 -> 0.81, CR 8 32K/B8 0.80 -> 0.81, CR 8 8K/B32 0.79 -> 0.80, dense rows +0.003-0.007. Tried in the
+# same session and removed (same file): the stream's last split program merging the partials (an arrival counter per
+# stream; slower on every row, as session 7's fused merge), and dispatching the splits longest first (lost to the
+# natural grid on every row).
+PDL_DEFAULT = True
 
 
 def split_stages(n_streams: int) -> int:
@@ -386,6 +406,28 @@ def _pool_descriptors(k_pool, v_pool):
                  for p in (k_pool, v_pool))
 
 
+def pdl_default(device) -> bool:
+    """Launch the split and merge kernels with programmatic dependent launch? ``DMS_DECODE_PDL`` (0 / 1), else
+    ``PDL_DEFAULT`` where it can work: a CUDA device of compute capability >= 9 (Hopper), a Triton that has the
+    grid-dependency intrinsics, not the CPU interpreter. Each kernel then starts while its predecessor in the stream
+    drains and waits (``griddepcontrol.wait``) for that kernel's writes before it reads anything; see ``PDL_DEFAULT``."""
+    env = os.environ.get("DMS_DECODE_PDL", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"DMS_DECODE_PDL={env!r}; use 0 or 1")
+    if env == "1" and not _pdl_possible(device):
+        raise ValueError(f"DMS_DECODE_PDL=1 {_PDL_NEEDS}; unset it")
+    return _pdl_possible(device) and (PDL_DEFAULT if env == "" else env == "1")
+
+
+_PDL_NEEDS = ("needs a CUDA device of compute capability >= 9 and a Triton with "
+              "triton.language.extra.cuda.gdc_wait (not the interpreter)")
+
+
+def _pdl_possible(device) -> bool:
+    return (device.type == "cuda" and not _INTERPRET and gdc_wait is not None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def default_kernel() -> str:
     """``DMS_DECODE_KERNEL`` (split / flat), else ``split``."""
     k = os.environ.get("DMS_DECODE_KERNEL", "split")
@@ -404,7 +446,7 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
                            max_len: int | None = None, num_splits: int | None = None,
                            pages_per_split: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, kernel: str | None = None, flat_programs: int | None = None,
-                           use_tma: bool | None = None):
+                           use_tma: bool | None = None, pdl: bool | None = None):
     """Decode attention over the paged store (Triton). Arguments as :func:`reference.paged_decode_attention_reference`.
 
     Args:
@@ -422,6 +464,8 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         use_tma: ``split`` kernel only: read pages through tensor descriptors (one bulk copy per page); None
             (default) follows :func:`decode_tma_default` where the pool layout allows, True insists (error if
             the layout does not allow), False never.
+        pdl: ``split`` kernel only: programmatic dependent launch of the split and merge kernels (default
+            :func:`pdl_default`; True where it cannot work is an error).
     Returns:
         ``[B, H, DV]`` in q.dtype.
     """
@@ -500,16 +544,20 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         raise ValueError("use_tma=True needs pools whose pages are contiguous [pages, PS, D] rows with 16-byte "
                          "aligned strides; pass use_tma=None to fall back to pointer loads")
     kp_arg, vp_arg = tma if tma is not None else (k_pool, v_pool)
+    if pdl and not _pdl_possible(q.device):
+        raise ValueError(f"pdl=True {_PDL_NEEDS}; pass pdl=None")
+    can_pdl = pdl_default(q.device) if pdl is None else bool(pdl)
+    launch = dict(launch_pdl=True) if can_pdl else {}
     _decode_split_kernel[(N, num_splits)](
         q, kp_arg, vp_arg, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, pps,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         block_table.stride(0), op.stride(0), op.stride(1), lp.stride(0),
         HKV=Hkv, G=G, GP=GP, D=D, DV=DV, PS=PS, IEEE=ieee, V_MASK_POS=V_MASK_POS, USE_TMA=tma is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        PDL=can_pdl, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     _merge_kernel[(N, G)](
         op, lp, out, valid, seq_len, pps, num_splits, op.stride(0), op.stride(1), lp.stride(0), out.stride(0), out.stride(1),
         HKV=Hkv, G=G, GP=GP, DV=DV, SP=max(2, triton.next_power_of_2(num_splits)), PS=PS, HAS_VALID=has_valid,
-        num_warps=1,
+        PDL=can_pdl, num_warps=1, **launch,
     )
     return out

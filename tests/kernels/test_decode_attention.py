@@ -313,3 +313,67 @@ def test_split_kernel_stages_default():
     for st in (None, 2):
         out = td.paged_decode_attention(q, k, v, pos, bt, sl, 0.125, num_stages=st)
         torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
+
+
+def test_pdl_choice_and_errors(monkeypatch):
+    """Programmatic dependent launch: on by default only where it can work (CUDA, compute capability >= 9, not the
+    interpreter); pdl=True / DMS_DECODE_PDL=1 elsewhere are errors that say what is needed; bad values are errors."""
+    dev = torch.device(DEV)
+    possible = td._pdl_possible(dev)
+    assert possible == (CUDA and torch.cuda.get_device_capability()[0] >= 9 and not td._INTERPRET)
+    assert td.pdl_default(dev) == (possible and td.PDL_DEFAULT)
+    monkeypatch.setenv("DMS_DECODE_PDL", "0")
+    assert td.pdl_default(dev) is False
+    monkeypatch.setenv("DMS_DECODE_PDL", "yes")
+    with pytest.raises(ValueError, match="DMS_DECODE_PDL='yes'"):
+        td.pdl_default(dev)
+    monkeypatch.delenv("DMS_DECODE_PDL")
+    k, v, pos, bt, sl = _store([5, 9], 16, 64, torch.float32)
+    q = torch.randn(2, 2, 64, device=DEV)
+    if not possible:
+        monkeypatch.setenv("DMS_DECODE_PDL", "1")
+        with pytest.raises(ValueError, match="compute capability >= 9"):
+            td.pdl_default(dev)
+        monkeypatch.delenv("DMS_DECODE_PDL")
+        with pytest.raises(ValueError, match="pdl=True needs"):
+            td.paged_decode_attention(q, k, v, pos, bt, sl, 0.125, pdl=True)
+    ref = paged_decode_attention_reference(q, k, v, pos, bt, sl, 0.125)
+    torch.testing.assert_close(td.paged_decode_attention(q, k, v, pos, bt, sl, 0.125, pdl=False), ref,
+                               atol=TOL[torch.float32], rtol=0)
+
+
+@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability()[0] >= 9), reason="PDL needs a Hopper GPU")
+def test_pdl_waits_for_the_previous_kernel_in_a_graph():
+    """With PDL the split kernel starts while the kernel before it drains: in a CUDA graph whose every step first
+    overwrites q and a page of the pool (copy kernels) and then attends, each step's output must equal the same step
+    launched without PDL, bitwise (the same kernels; only the launch differs), on every replay."""
+    lens = [700, 64, 1, 300] * 4
+    k, v, pos, bt, sl = _store(lens, 64, 128, torch.bfloat16, holes=False)
+    steps = 12
+    qs = torch.randn(steps, 4, 16, 128, device=DEV).to(torch.bfloat16)
+    ks = torch.randn(steps, *k.shape[1:], device=DEV).to(torch.bfloat16)
+    page = int(bt[0, 0])
+    q = torch.empty_like(qs[0])
+
+    def run(pdl):
+        outs = []
+        for i in range(steps):
+            q.copy_(qs[i])
+            k[page].copy_(ks[i])
+            outs.append(td.paged_decode_attention(q, k, v, pos, bt, sl, 0.088, max_len=max(lens), pdl=pdl))
+        return torch.stack(outs)
+
+    want = run(False)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = run(True)
+    for _ in range(5):
+        got.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
