@@ -11,8 +11,7 @@ per-call cost shows (batch 8 / 32, dense, ragged CR 8 and lengths skewed around 
 - ``tma`` / ``tma_stages3`` / ``tma_stages4``: pages read by bulk copies through tensor descriptors (``use_tma=True``),
   2 / 3 / 4 stages;
 - ``no_pdl``: the split and merge kernels launched without programmatic dependent launch (``pdl=False``);
-- ``pps8`` / ``pps12`` / ``pps20`` / ``pps24`` / ``stages4``: the default with splits of 8 / 12 / 20 / 24 pages, or 4
-  pipeline stages.
+- ``ppsN`` (N in 8, 10, 12, 14, 16, 20, 24) / ``stages4``: the default with splits of N pages, or 4 pipeline stages.
 
 ``--variants`` picks some, ``--repeat`` times each row that many times over, the variants interleaved.
 
@@ -38,11 +37,8 @@ VARIANTS = {
     "tma_stages3": (False, dict(use_tma=True, num_stages=3)),
     "tma_stages4": (False, dict(use_tma=True, num_stages=4)),
     "no_pdl": (False, dict(pdl=False)),
-    "pps8": (False, dict(pages_per_split=8)),
-    "pps12": (False, dict(pages_per_split=12)),
-    "pps20": (False, dict(pages_per_split=20)),
-    "pps24": (False, dict(pages_per_split=24)),
     "stages4": (False, dict(num_stages=4)),
+    **{f"pps{n}": (False, dict(pages_per_split=n)) for n in (8, 10, 12, 14, 16, 20, 24)},
 }
 
 
