@@ -9,10 +9,13 @@ in bf16 itself is not an option: the CPU interpreter that CI runs gets bf16 arit
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Set by tests: outputs start as NaN so that an element a kernel fails to write fails the comparison.
 POISON_OUTPUTS = False
@@ -189,10 +192,13 @@ def _retention_head_kernel(X, NW, PW, PB, Z, C, sx, eps, NOUT, BLOCK: tl.constex
 @triton.jit
 def _retention_head_rows_kernel(X, NW, PW, PB, Z, R, C, sx, eps, NOUT,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NO_P2: tl.constexpr,
-                                IN_PREC: tl.constexpr):
+                                IN_PREC: tl.constexpr, SPLIT_W: tl.constexpr = False):
     # Many rows (prefill): BLOCK_R rows per program, x read once; z = r * ((x * norm_w) @ proj_w^T) + b, the
-    # product in fp32 accuracy on the tensor cores (3xTF32; "ieee" FMA products measured 0.34 ms per 8K-token
-    # layer on the H100), proj_w re-read per program from L2.
+    # product in fp32 accuracy on the tensor cores, proj_w re-read per program from L2. Two forms:
+    # * SPLIT_W (16-bit x): z = r * (x @ (norm_w * proj_w)^T) + b with x as it is (exact in its dtype) and the fp32
+    #   weight product split into three parts of x's dtype (hi + mid + lo carry its 24 bits), so three 16-bit
+    #   products accumulated in fp32 give fp32 accuracy and x never leaves its dtype on the way to the tensor cores;
+    # * else: x upcast, scaled by norm_w, 3xTF32 products ("ieee" FMA products: 0.34 ms per 8K-token layer, H100).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < R
     o = tl.arange(0, NO_P2)
@@ -202,12 +208,26 @@ def _retention_head_rows_kernel(X, NW, PW, PB, Z, R, C, sx, eps, NOUT,
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         cm = offs < C
-        x = tl.load(X + rows.to(tl.int64)[:, None] * sx + offs[None, :], mask=rm[:, None] & cm[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(X + rows.to(tl.int64)[:, None] * sx + offs[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
         nw = tl.load(NW + offs, mask=cm, other=0.0).to(tl.float32)
         wt = tl.load(PW + o[None, :] * C + offs[:, None], mask=om[None, :] & cm[:, None], other=0.0).to(tl.float32)
-        sq += tl.sum(x * x, 1)
-        acc = tl.dot(x * nw[None, :], wt, acc, input_precision=IN_PREC)
+        xf = x.to(tl.float32)
+        sq += tl.sum(xf * xf, 1)
+        if SPLIT_W:
+            w = wt * nw[:, None]
+            hi = w.to(x.dtype)
+            r1 = w - hi.to(tl.float32)
+            mid = r1.to(x.dtype)
+            lo = (r1 - mid.to(tl.float32)).to(x.dtype)
+            # each chunk's products summed from zero by the tensor cores, the chunks added in fp32 registers: one
+            # running tensor-core accumulator over all of C lost bits (H100: 8.2e-5 max error vs 2.7e-6 against
+            # fp64 at 8K x 4096, same speed; docs/results/retention_head_s10.json)
+            t = tl.dot(x, lo)
+            t = tl.dot(x, mid, t)
+            t = tl.dot(x, hi, t)
+            acc += t
+        else:
+            acc = tl.dot(xf * nw[None, :], wt, acc, input_precision=IN_PREC)
     r = tl.math.rsqrt(sq / C + eps)
     bias = tl.load(PB + o, mask=om, other=0.0).to(tl.float32)
     z = acc * r[:, None] + bias[None, :]
@@ -218,10 +238,12 @@ def _retention_head_rows_kernel(X, NW, PW, PB, Z, R, C, sx, eps, NOUT,
 HEAD_ROWS_PER_OUTPUT = 64
 
 
-# Block rows / columns, warps and stages of the many-rows (prefill) retention-head kernel. Two H100 sweeps at 8K rows x
-# 4096 (session 9, docs/results/retention_head_sweep.json) put every tried setting at 131-184 us, this one at
-# 157-162 us, with no setting ahead in both; fp32-FMA and split-over-columns forms of the kernel did no better.
-RETENTION_ROWS_CFG = dict(BLOCK_R=64, BLOCK_C=64, num_warps=4, num_stages=3)
+# Block rows / columns, warps and stages of the many-rows (prefill) retention-head kernel. H100, 8K rows x 4096 bf16,
+# 8 outputs, CUDA-graph timed (session 10, docs/results/retention_head_s10.json): the split-weight form takes 38-39 us
+# with these blocks (the read alone: 25 us), 50-57 us with the next settings; the upcast 3xTF32 form took 88 us at
+# best (32 x 64, 4 stages) and 110-112 us with session 9's 64 x 64 blocks. (Session 9's sweep, results/
+# retention_head_sweep.json, timed eager calls between CUDA events, host launch cost included.)
+RETENTION_ROWS_CFG = dict(BLOCK_R=64, BLOCK_C=128, num_warps=4, num_stages=3)
 
 
 def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float, cfg: dict | None = None) -> torch.Tensor:
@@ -245,9 +267,12 @@ def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float, cfg: dict
                                            BLOCK=blk, num_warps=4)
     elif R:
         c = dict(RETENTION_ROWS_CFG, **(cfg or {}))
+        split = c.pop("split_w", None)
+        if split is None:  # 16-bit x; not bf16 under the CPU interpreter, whose bf16 tl.dot is wrong
+            split = x2.dtype == torch.float16 or (x2.dtype == torch.bfloat16 and not _INTERPRET)
         _retention_head_rows_kernel[(triton.cdiv(R, c["BLOCK_R"]),)](
             x2, nw, pw, pb, z, R, C, x2.stride(0), float(eps), n_out, BLOCK_R=c["BLOCK_R"], BLOCK_C=c["BLOCK_C"],
-            NO_P2=max(16, _pow2(n_out)), IN_PREC="tf32x3" if _has_tf32(x.device) else "ieee",
+            NO_P2=max(16, _pow2(n_out)), IN_PREC="tf32x3" if _has_tf32(x.device) else "ieee", SPLIT_W=bool(split),
             num_warps=c["num_warps"], num_stages=c["num_stages"])
     return z.view(*x.shape[:-1], n_out)
 

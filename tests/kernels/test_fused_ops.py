@@ -117,6 +117,23 @@ def test_retention_head(dtype, rows, C, n_out, block_r):
     torch.testing.assert_close(z, ref.retention_head_reference(x, nw, pw, pb, 1e-6), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("rows,C", [(70, 100), (150, 1000), (129, 4096)])
+def test_retention_head_split_weight_form(dtype, rows, C):
+    """Many rows of 16-bit x: the split-weight form (x @ (norm_w * proj_w)^T with the fp32 weight product carried by
+    three 16-bit parts) keeps fp32 accuracy: as close to the fp32 reference as the upcast 3xTF32 / fp32 form."""
+    g = torch.Generator().manual_seed(rows + C)
+    x = (torch.randn(rows, C, generator=g) * 2).to(dtype).to(DEV)
+    nw = (1 + 0.1 * torch.randn(C, generator=g)).to(DEV)
+    pw = (torch.randn(8, C, generator=g) / C ** 0.5).to(DEV)
+    pb = torch.randn(8, generator=g).to(DEV)
+    want = ref.retention_head_reference(x, nw, pw, pb, 1e-6)
+    split = fo.retention_head(x, nw, pw, pb, 1e-6, cfg=dict(BLOCK_R=32, BLOCK_C=64, split_w=True))
+    plain = fo.retention_head(x, nw, pw, pb, 1e-6, cfg=dict(BLOCK_R=32, BLOCK_C=64, split_w=False))
+    torch.testing.assert_close(split, want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(plain, want, rtol=0, atol=2e-5)
+
+
 SKINNY_DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if CUDA else [torch.float16])
 
 
