@@ -368,7 +368,7 @@ V_MASK_POS = False
 # while the kernel before it drains, and wait (griddepcontrol.wait) for its writes before reading. H100, session 10,
 # bench_decode_variants.py, PDL / plain launches interleaved, 3 repeats (docs/results/decode_kernel_pdl_s10.json):
 # skewed 8K/B8 0.79 -> 0.81, CR 8 32K/B8 0.80 -> 0.81, CR 8 8K/B32 0.79 -> 0.80, dense rows +0.003-0.007. Tried in the
-# same session and removed (same file): the stream's last split program merging the partials (an arrival counter per
+# same session and removed (timings in the same JSON): the stream's last split program merging the partials (an arrival counter per
 # stream; slower on every row, as session 7's fused merge), and dispatching the splits longest first (lost to the
 # natural grid on every row).
 PDL_DEFAULT = True

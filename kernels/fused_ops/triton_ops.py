@@ -249,7 +249,9 @@ RETENTION_ROWS_CFG = dict(BLOCK_R=64, BLOCK_C=128, num_warps=4, num_stages=3)
 def retention_head(x, norm_weight, proj_weight, proj_bias, eps: float, cfg: dict | None = None) -> torch.Tensor:
     """Fused :func:`reference.retention_head_reference`: x ``[..., C]`` -> fp32 ``[..., n_out]``.
 
-    cfg: launch configuration of the many-rows kernel (keys of ``RETENTION_ROWS_CFG``; a benchmark hook)."""
+    cfg: launch configuration of the many-rows kernel (keys of ``RETENTION_ROWS_CFG``, and ``split_w`` to force the
+    split-weight form on or off; a benchmark hook). By default 16-bit x takes the split-weight form, fp32 x the
+    3xTF32 one."""
     C = x.shape[-1]
     n_out = proj_weight.shape[0]
     if proj_weight.shape != (n_out, C) or norm_weight.shape != (C,) or proj_bias.shape != (n_out,):
