@@ -31,7 +31,7 @@ class AdapterRetentionHead(nn.Module):
         from .decode_fusion import fusion_available
 
         if x.is_cuda and not torch.is_grad_enabled() and fusion_available(x.device):
-            # Inference on CUDA: one Triton kernel (dms_kernels.fused_ops.retention_head), fp32 throughout, x
+            # Inference on CUDA: one Triton kernel (dms_kernels.fused_ops.retention_head), fp32 accuracy, x
             # read once in its own dtype. The PyTorch form below costs an fp32 copy of x, RMSNorm and a skinny
             # fp32 GEMM (0.3 ms per layer at an 8K prefill on the H100), and at decode a cuBLAS GEMV of 39 us.
             from dms_kernels import fused_ops
