@@ -205,9 +205,9 @@ def pack_survivors_reference(keys, values, pos, ev, keep, counts, starts, seen, 
     order = torch.zeros(N, S2 + 1, dtype=torch.long, device=dev)
     order.scatter_(1, torch.where(kf, rank_s, S2), torch.arange(S, device=dev).expand(N, S))
     owner = torch.repeat_interleave(torch.arange(N, device=dev), nblk, output_size=total)  # page -> stream
-    first = starts[owner]  # the pool rows [starts[n], starts[n] + nblk[n]) of each stream
-    page = first + (torch.arange(total, device=dev) - (torch.cumsum(nblk, 0) - nblk)[owner])
-    rank = (page - first)[:, None] * PS + torch.arange(PS, device=dev)
+    local = torch.arange(total, device=dev) - (torch.cumsum(nblk, 0) - nblk)[owner]  # page index within its stream
+    page = starts[owner] + local  # the pool rows [starts[n], starts[n] + nblk[n]) of each stream
+    rank = local[:, None] * PS + torch.arange(PS, device=dev)
     ok = rank < counts[owner][:, None]  # [total, PS] slot holds a survivor
     s_src = order[owner[:, None], rank.clamp(max=S2 - 1)].view(-1)  # source position of every slot
     o_src = owner.repeat_interleave(PS)

@@ -29,6 +29,7 @@ rows (32K: 0.86 vs 0.97) and on skewed ones (32K: 0.83 vs 0.90; 8K: 0.68 vs 0.71
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -424,8 +425,14 @@ _PDL_NEEDS = ("needs a CUDA device of compute capability >= 9 and a Triton with 
 
 
 def _pdl_possible(device) -> bool:
-    return (device.type == "cuda" and not _INTERPRET and gdc_wait is not None
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    if device.type != "cuda" or _INTERPRET or gdc_wait is None:
+        return False
+    return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(index: int) -> bool:  # asked on every decode call: once per device
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def default_kernel() -> str:
@@ -544,9 +551,12 @@ def paged_decode_attention(q, k_pool, v_pool, pos_pool, block_table, seq_len, sc
         raise ValueError("use_tma=True needs pools whose pages are contiguous [pages, PS, D] rows with 16-byte "
                          "aligned strides; pass use_tma=None to fall back to pointer loads")
     kp_arg, vp_arg = tma if tma is not None else (k_pool, v_pool)
-    if pdl and not _pdl_possible(q.device):
+    if pdl is None:
+        can_pdl = pdl_default(q.device)
+    elif pdl and not _pdl_possible(q.device):
         raise ValueError(f"pdl=True {_PDL_NEEDS}; pass pdl=None")
-    can_pdl = pdl_default(q.device) if pdl is None else bool(pdl)
+    else:
+        can_pdl = bool(pdl)
     launch = dict(launch_pdl=True) if can_pdl else {}
     _decode_split_kernel[(N, num_splits)](
         q, kp_arg, vp_arg, pos_pool, block_table, seq_len, op, lp, float(scale) * LOG2E, pps,
