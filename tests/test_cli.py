@@ -87,3 +87,26 @@ def test_missing_text_field_and_empty_data(tmp_path, capsys, gpt2_dir):
     empty.write_text("")
     with pytest.raises(ValueError):
         load_texts(DataConfig(source=str(empty)))
+
+
+def test_leave_skips_interpreter_teardown_only_in_multi_process_jobs(monkeypatch):
+    """train/retrofit.py's exit: a rank of a multi-process job leaves through os._exit with the code (no teardown, where
+    library destructors once aborted finished jobs); a single process exits normally through SystemExit."""
+    calls = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        calls.append(code)
+        raise Exited
+
+    monkeypatch.setattr(retrofit.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited):
+        retrofit.leave(0)
+    assert calls == [0]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as e:
+        retrofit.leave(3)
+    assert e.value.code == 3 and calls == [0]
