@@ -104,7 +104,11 @@ def parse_args(argv=None):
                    help="one Quest system per page size: 'quest' for 16, 'quest-pN' for the others")
     p.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--n-per-task", type=int, default=16)
-    p.add_argument("--ppl-rows", type=int, default=8)
+    p.add_argument("--ppl-rows", type=int, default=8,
+                   help="perplexity rows (at most; a number above what the validation split holds takes all of it)")
+    p.add_argument("--ppl-rows-from", default="stream", choices=("stream", "documents"),
+                   help="perplexity rows: the validation documents joined and cut into rows (stream), or slices that lie "
+                        "inside one document (documents)")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--ppl-batch", type=int, default=None, help="perplexity rows per forward (default --eval-batch)")
     p.add_argument("--prefill-chunk", type=int, default=256)
@@ -306,6 +310,7 @@ def _main(args, argv, device) -> int:
     # ---- eval -----------------------------------------------------------------------------------------
     ecfg = EvalConfig(lengths=args.eval_lengths, n_per_task=args.n_per_task, ppl_rows=args.ppl_rows,
                       ppl_len=args.ppl_len, batch_size=args.eval_batch, ppl_batch_size=args.ppl_batch,
+                      ppl_rows_from=args.ppl_rows_from,
                       prefill_chunk=args.prefill_chunk, seed=args.eval_seed)
     baselines = baseline_systems(args)
     bnames = [name for name, _, _ in baselines]

@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--hops", type=int, default=2)
     p.add_argument("--ppl-rows", type=int, default=8)
     p.add_argument("--ppl-len", type=int, default=2048)
+    p.add_argument("--ppl-rows-from", default="stream", choices=("stream", "documents"),
+                   help="perplexity rows: the validation documents joined and cut into rows (stream), or slices that lie "
+                        "inside one document (documents: far context is always the same document's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ppl-batch-size", type=int, default=None, help="perplexity rows per forward (default --batch-size)")
     p.add_argument("--prefill-chunk", type=int, default=256)
@@ -81,6 +84,7 @@ def main(argv=None) -> int:
     try:
         cfg = EvalConfig(lengths=args.lengths, n_per_task=args.n_per_task, depths=args.depths, n_keys=args.n_keys,
                          hops=args.hops, ppl_rows=args.ppl_rows, ppl_len=args.ppl_len, batch_size=args.batch_size,
+                         ppl_rows_from=args.ppl_rows_from,
                          ppl_batch_size=args.ppl_batch_size,
                          prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, seed=args.seed)
         hf = AutoConfig.from_pretrained(args.model)

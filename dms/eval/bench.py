@@ -143,6 +143,24 @@ def matched_row_valid(row: dict | None, dms_name: str, dms_row: dict, cr: float)
     return row_has_fields(row, matched_fields(dms_name, dms_row, cr))
 
 
+def paired_ppl_margin(a: dict | None, b: dict | None) -> tuple[float, float | None, int] | None:
+    """System ``a`` against system ``b`` on the same perplexity rows, paired by row (their ``row_nll``).
+
+    Returns ``(ppl_a / ppl_b - 1, standard error, rows)``: the first is exact (rows have equal length, so a
+    perplexity is exp of the mean row NLL); the standard error is that of the mean per-row NLL difference, which
+    is the first figure's to first order (None for a single row). None when either lacks rows or they differ in
+    number (evaluated on different rows).
+    """
+    x, y = (a or {}).get("row_nll"), (b or {}).get("row_nll")
+    if not x or not y or len(x) != len(y):
+        return None
+    d = [p - q for p, q in zip(x, y)]
+    n = len(d)
+    m = sum(d) / n
+    se = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1) / n) if n > 1 else None
+    return math.expm1(m), se, n
+
+
 def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float, str], baselines: list[str],
               run_rows: dict[str, list[dict]], targets: dict[str, float] | None = None) -> dict:
     """The summary object of docs/results/quality.json (fractions, not percents).
@@ -155,6 +173,10 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
     ``<b>@crX-matched`` (:func:`matched_name`) were run at the memory CR that the main DMS run of CR X measured,
     ``matched_budget_crX`` (only rows run at its current value count, :func:`matched_row_valid`);
     ``dms_beats_every_baseline_crX_matched`` is None when no such row exists.
+
+    ``ppl_margin_crX(_matched)`` is DMS's perplexity over that of the best baseline by perplexity, minus 1, paired
+    by row (:func:`paired_ppl_margin`; below 0: DMS better), and ``ppl_margin_se_crX(_matched)`` its standard error
+    over the ``ppl_rows`` rows: how far the perplexity verdict is from noise.
     """
     targets = targets or {}
     base = results.get("full", {})
@@ -191,6 +213,7 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
         br, brn = best_baseline(cr, "retrieval_accuracy", higher=True)
         s[f"best_baseline_ppl_increase_{tag}"] = bp
         s[f"best_baseline_ppl_increase_{tag}_policy"] = bpn
+        _paired(s, tag, d, dict(rows(cr, False)).get(bpn))
         s[f"best_baseline_retrieval_ratio_{tag}"] = _frac(br, base_ret)
         s[f"best_baseline_retrieval_ratio_{tag}_policy"] = brn
         s[f"dms_memory_cr_{tag}"] = d.get("memory_cr")
@@ -204,13 +227,23 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
         br, brn = best_baseline(cr, "retrieval_accuracy", higher=True, matched=True)
         s[f"best_baseline_ppl_increase_{tag}_matched"] = bp
         s[f"best_baseline_ppl_increase_{tag}_matched_policy"] = bpn
+        _paired(s, tag + "_matched", d, dict(matched).get(bpn))
         s[f"best_baseline_retrieval_ratio_{tag}_matched"] = _frac(br, base_ret)
         s[f"best_baseline_retrieval_ratio_{tag}_matched_policy"] = brn
         s[f"matched_budget_{tag}"] = matched[0][1]["cr"] if matched else None
         s[f"dms_beats_every_baseline_{tag}_matched"] = all(beats(d, matched)) if matched else None
     s["base_retrieval_accuracy"] = base_ret
     s["base_ppl"] = base.get("ppl")
+    if base.get("row_nll"):
+        s["ppl_rows"] = len(base["row_nll"])
     return s
+
+
+def _paired(s: dict, tag: str, dms_row: dict, baseline_row: dict | None):
+    """``ppl_margin_<tag>`` and ``ppl_margin_se_<tag>`` of :func:`summarize` (nothing if rows are missing)."""
+    p = paired_ppl_margin(dms_row, baseline_row)
+    if p is not None:
+        s[f"ppl_margin_{tag}"], s[f"ppl_margin_se_{tag}"] = p[0], p[1]
 
 
 def _series(results, prefix_fn, crs, key):
@@ -410,9 +443,12 @@ def margins_table(summary: dict, context: int) -> list[str]:
            "better for perplexity increase, above 0 for retrieval). *Nominal*: the baselines hold context / CR tokens "
            "per KV head. *Matched*: they run at the memory CR that the DMS row achieved, i.e. its tokens held "
            "(rounded up).", "",
+           "*Paired ppl*: DMS's perplexity over that baseline's, minus 1, on the same rows, with its standard error over "
+           "the rows (a margin within about two standard errors of 0 is a tie within noise).", "",
            "| CR | budget of the baselines | DMS ppl increase | best baseline ppl increase | ppl margin | "
-           "DMS retrieval ratio | best baseline retrieval ratio | retrieval margin | DMS beats every baseline |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "paired ppl (+- se) | DMS retrieval ratio | best baseline retrieval ratio | retrieval margin | "
+           "DMS beats every baseline |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tag in _tags(summary):
         cr = float(tag[2:])
         dp, dr = summary.get(f"ppl_increase_{tag}"), summary.get(f"retrieval_ratio_{tag}")
@@ -424,9 +460,11 @@ def margins_table(summary: dict, context: int) -> list[str]:
         for sfx, label in budgets:
             bp = summary.get(f"best_baseline_ppl_increase_{tag}{sfx}")
             br = summary.get(f"best_baseline_retrieval_ratio_{tag}{sfx}")
+            pm, pse = summary.get(f"ppl_margin_{tag}{sfx}"), summary.get(f"ppl_margin_se_{tag}{sfx}")
+            paired = "-" if pm is None else f"{pm:+.3g}" + ("" if pse is None else f" +- {pse:.2g}")
             out.append(f"| {cr:g} | {label} | {_fmt(dp)} | "
                        f"{best(bp, summary.get(f'best_baseline_ppl_increase_{tag}{sfx}_policy'))} | {margin(dp, bp)} | "
-                       f"{_fmt(dr)} | {best(br, summary.get(f'best_baseline_retrieval_ratio_{tag}{sfx}_policy'))} | "
+                       f"{paired} | {_fmt(dr)} | {best(br, summary.get(f'best_baseline_retrieval_ratio_{tag}{sfx}_policy'))} | "
                        f"{margin(dr, br)} | {_fmt(summary.get(f'dms_beats_every_baseline_{tag}{sfx}'))} |")
     return out
 

@@ -27,6 +27,9 @@ from .baselines import POLICIES, PolicyCache, prepare_policy_model
 from .tasks import TASKS, Example, TaskBuilder, answer_correct, read_corpus, token_stream
 
 
+PPL_ROW_SOURCES = ("stream", "documents")
+
+
 @dataclass
 class EvalConfig:
     """What :func:`evaluate_system` measures.
@@ -36,7 +39,13 @@ class EvalConfig:
         n_per_task: examples per (task, length).
         depths: passkey needle depths (fractions of the filler), cycled over the examples.
         n_keys: facts in a multi-key recall prompt; hops: variable-tracking chain links.
-        ppl_rows, ppl_len: validation rows ``[ppl_len]`` for perplexity and KL.
+        ppl_rows, ppl_len: validation rows ``[ppl_len]`` for perplexity and KL (at most ``ppl_rows``; a number
+            larger than the split holds takes every row it has).
+        ppl_rows_from: where perplexity rows come from. ``stream`` (default): the validation documents joined
+            with EOS and cut into consecutive rows, so a row may span several documents (standard packed
+            perplexity). ``documents``: consecutive ``ppl_len`` slices that lie inside one document (documents
+            shorter than ``ppl_len`` give none), so all far context a cache policy drops is the same document's:
+            the long-context perplexity of PG-19-style evaluations.
         batch_size: rows per forward (task prompts; perplexity rows too unless ``ppl_batch_size`` is set).
         ppl_batch_size: perplexity rows per forward (None: ``batch_size``); the eager DMS reference builds
             ``[B, H, T, T]`` fp32 scores, so long rows want a smaller batch than generation does.
@@ -53,6 +62,7 @@ class EvalConfig:
     hops: int = 2
     ppl_rows: int = 8
     ppl_len: int = 2048
+    ppl_rows_from: str = "stream"
     batch_size: int = 8
     ppl_batch_size: int | None = None
     prefill_chunk: int = 256
@@ -67,6 +77,8 @@ class EvalConfig:
         if self.ppl_batch_size is not None and (isinstance(self.ppl_batch_size, bool)
                                                 or not isinstance(self.ppl_batch_size, int) or self.ppl_batch_size < 1):
             raise ValueError(f"ppl_batch_size must be an integer >= 1 or None; got {self.ppl_batch_size!r}")
+        if self.ppl_rows_from not in PPL_ROW_SOURCES:
+            raise ValueError(f"ppl_rows_from must be one of {PPL_ROW_SOURCES}; got {self.ppl_rows_from!r}")
         if self.ppl_rows < 0 or self.hops < 0:
             raise ValueError(f"ppl_rows and hops must be >= 0; got {self.ppl_rows}, {self.hops}")
         if not self.lengths or any(int(L) < 64 for L in self.lengths):
@@ -86,13 +98,33 @@ class EvalData:
     def build(cls, tokenizer, corpus_file, cfg: EvalConfig, max_docs: int | None = None) -> "EvalData":
         texts = read_corpus(corpus_file, max_docs)
         stream = token_stream(tokenizer, texts)
-        n = min(cfg.ppl_rows, (stream.numel() - 1) // cfg.ppl_len)
-        if cfg.ppl_rows and n < 1:
-            raise ValueError(f"{corpus_file} has {stream.numel()} tokens, fewer than ppl_len={cfg.ppl_len}")
-        rows = stream[: n * cfg.ppl_len].view(n, cfg.ppl_len) if n else torch.zeros(0, cfg.ppl_len, dtype=torch.long)
+        if cfg.ppl_rows_from == "documents":
+            rows = document_rows(tokenizer, texts, cfg.ppl_len, cfg.ppl_rows)
+            if cfg.ppl_rows and rows.shape[0] < 1:
+                raise ValueError(f"no document of {corpus_file} has ppl_len={cfg.ppl_len} tokens; use shorter rows or "
+                                 f"ppl_rows_from='stream'")
+        else:
+            n = min(cfg.ppl_rows, (stream.numel() - 1) // cfg.ppl_len)
+            if cfg.ppl_rows and n < 1:
+                raise ValueError(f"{corpus_file} has {stream.numel()} tokens, fewer than ppl_len={cfg.ppl_len}")
+            rows = stream[: n * cfg.ppl_len].view(n, cfg.ppl_len) if n else torch.zeros(0, cfg.ppl_len, dtype=torch.long)
         builder = TaskBuilder(tokenizer, stream, seed=cfg.seed)
         examples = builder.suite([int(L) for L in cfg.lengths], cfg.n_per_task, cfg.depths, cfg.n_keys, cfg.hops)
         return cls(rows, examples)
+
+
+def document_rows(tokenizer, texts: list[str], length: int, limit: int) -> torch.Tensor:
+    """``[N, length]`` int64: consecutive ``length``-token slices of each document (no special tokens), in document
+    order, at most ``limit``; a document's tail shorter than ``length`` is left out, so no row crosses a document
+    boundary."""
+    out: list[list[int]] = []
+    for i in range(0, len(texts), 64):
+        if len(out) >= limit:
+            break
+        for ids in tokenizer(texts[i:i + 64], add_special_tokens=False, return_attention_mask=False)["input_ids"]:
+            out += [ids[s:s + length] for s in range(0, len(ids) - length + 1, length)]
+    out = out[:limit]
+    return torch.tensor(out, dtype=torch.long) if out else torch.zeros(0, length, dtype=torch.long)
 
 
 BUDGET_ROUNDING = ("floor", "ceil")
@@ -256,12 +288,15 @@ class _DecisionTally:
 
 @torch.no_grad()
 def perplexity_and_kl(system, teacher, rows: torch.Tensor, cfg: EvalConfig, progress=None) -> dict:
-    """Perplexity of ``system`` and of the teacher, KL(teacher || system) per token, and the achieved CRs."""
+    """Perplexity of ``system`` and of the teacher, KL(teacher || system) per token, and the achieved CRs; also
+    each row's mean NLL (``row_nll``, ``row_nll_teacher``, in row order) for paired comparisons between systems."""
     dev = next(system.model.parameters()).device
     system.model.eval()
     teacher.eval()
     nll_s = nll_t = kl = 0.0
     n_tok = 0
+    row_s: list[float] = []
+    row_t: list[float] = []
     tally = _DecisionTally(system.window) if isinstance(system, DMSSystem) else None
     held = seen = 0
     bs = cfg.ppl_batch_size or cfg.batch_size
@@ -273,8 +308,12 @@ def perplexity_and_kl(system, teacher, rows: torch.Tensor, cfg: EvalConfig, prog
         tl = torch.log_softmax(t_logits[:, :-1], -1)
         sl = torch.log_softmax(s_logits[:, :-1], -1)
         tgt = ids[:, 1:, None]
-        nll_t += float(-tl.gather(-1, tgt).sum())
-        nll_s += float(-sl.gather(-1, tgt).sum())
+        rt = -tl.gather(-1, tgt).squeeze(-1).sum(-1)  # [B] summed NLL of each row
+        rs = -sl.gather(-1, tgt).squeeze(-1).sum(-1)
+        nll_t += float(rt.sum())
+        nll_s += float(rs.sum())
+        row_t += (rt / tgt.shape[1]).tolist()
+        row_s += (rs / tgt.shape[1]).tolist()
         kl += float((tl.exp() * (tl - sl)).sum())
         n_tok += tgt.numel()
         if tally is not None:
@@ -285,7 +324,10 @@ def perplexity_and_kl(system, teacher, rows: torch.Tensor, cfg: EvalConfig, prog
         if progress is not None:
             progress.update(1)
     out = {"ppl": math.exp(nll_s / max(n_tok, 1)), "teacher_ppl": math.exp(nll_t / max(n_tok, 1)),
-           "kl": kl / max(n_tok, 1), "ppl_tokens": n_tok}
+           "kl": kl / max(n_tok, 1), "ppl_tokens": n_tok,
+           # Mean NLL per row, in row order (the same rows for every system), for paired comparisons
+           # (dms.eval.bench.paired_ppl_margin).
+           "row_nll": row_s, "row_nll_teacher": row_t}
     out["ppl_increase"] = out["ppl"] / out["teacher_ppl"] - 1.0
     if tally is not None:
         out.update(tally.result())

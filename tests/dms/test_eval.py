@@ -80,6 +80,38 @@ def test_full_cache_system_matches_teacher(tok, data):
     assert h["memory_cr"] == pytest.approx(4.0) and h["decode_kv_reads"] < r["decode_kv_reads"]
 
 
+def test_perplexity_keeps_each_rows_nll_for_paired_comparisons(tok, data):
+    import math
+
+    cfg, d = data
+    model = cf.tiny_model("llama", vocab=len(tok), max_position_embeddings=1024)
+    r = evaluate_system(PolicySystem(model, "sliding_window", cr=4), model, tok, d, cfg, progress=False)
+    assert len(r["row_nll"]) == len(r["row_nll_teacher"]) == d.rows.shape[0] == 2
+    # equal-length rows: the perplexity is exp of the mean row NLL, for the system and for the teacher
+    assert math.exp(sum(r["row_nll"]) / 2) == pytest.approx(r["ppl"], rel=1e-6)
+    assert math.exp(sum(r["row_nll_teacher"]) / 2) == pytest.approx(r["teacher_ppl"], rel=1e-6)
+    assert r["row_nll"] != r["row_nll_teacher"]  # a 16-token window changes 64-token rows
+
+
+def test_document_rows_never_cross_a_document_boundary(tok, corpus):
+    from dms.eval.tasks import read_corpus
+
+    texts = read_corpus(corpus / "validation.jsonl.gz")
+    docs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    cfg = EvalConfig(lengths=[256], n_per_task=1, ppl_rows=1000, ppl_len=48, ppl_rows_from="documents")
+    rows = EvalData.build(tok, corpus / "validation.jsonl.gz", cfg).rows
+    want = [ids[s:s + 48] for ids in docs for s in range(0, len(ids) - 47, 48)]
+    assert rows.tolist() == want and len(want) > len(docs)  # every slice of every document, in order
+    assert tok.eos_token_id not in rows.unique().tolist()
+    few = EvalData.build(tok, corpus / "validation.jsonl.gz", dataclasses.replace(cfg, ppl_rows=3)).rows
+    assert few.tolist() == want[:3]
+    stream = EvalData.build(tok, corpus / "validation.jsonl.gz", dataclasses.replace(cfg, ppl_rows_from="stream")).rows
+    assert tok.eos_token_id in stream.unique().tolist()  # packed rows do cross boundaries
+    longest = max(len(x) for x in docs)
+    with pytest.raises(ValueError, match="no document .* has ppl_len"):
+        EvalData.build(tok, corpus / "validation.jsonl.gz", dataclasses.replace(cfg, ppl_len=longest + 1))
+
+
 def test_quest_system_records_its_read_accounting(tok, data):
     cfg, d = data
     model = cf.tiny_model("llama", vocab=len(tok), max_position_embeddings=1024)
@@ -150,6 +182,8 @@ def test_eval_config_validation():
         EvalConfig(lengths=[8])
     with pytest.raises(ValueError, match="depths"):
         EvalConfig(depths=[1.5])
+    with pytest.raises(ValueError, match="ppl_rows_from must be one of .*'docs'"):
+        EvalConfig(ppl_rows_from="docs")
     with pytest.raises(ValueError, match="unknown policy"):
         PolicySystem(cf.tiny_model(), "lru")
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
+import statistics
 
 import pytest
 import torch
@@ -219,6 +221,40 @@ def test_summary_reports_the_matched_comparison_beside_the_nominal_one():
     assert "at CR8, budget-matched (baselines at DMS's memory CR 7.84): MISSED" in md
     md0 = markdown_section(nominal_only, order[:3], s0, meta, [])
     assert "matched: CR" not in md0 and "budget-matched (baselines at DMS's memory CR -): not measured" in md0
+
+
+def test_paired_ppl_margin_is_exact_and_its_standard_error_comes_from_the_rows():
+    import math
+    import statistics
+
+    from dms.eval.bench import paired_ppl_margin
+
+    a, b = {"row_nll": [2.0, 2.2, 1.9, 2.1]}, {"row_nll": [2.1, 2.2, 2.0, 2.1]}
+    m, se, n = paired_ppl_margin(a, b)
+    assert n == 4 and m == pytest.approx(math.exp(8.2 / 4) / math.exp(8.4 / 4) - 1)
+    assert se == pytest.approx(statistics.stdev([-0.1, 0.0, -0.1, 0.0]) / 2)
+    assert paired_ppl_margin(a, {"row_nll": [2.0]}) is None  # different rows: no pairing
+    assert paired_ppl_margin(a, {}) is None and paired_ppl_margin(None, b) is None
+    assert paired_ppl_margin({"row_nll": [1.0]}, {"row_nll": [1.5]})[1] is None  # one row: no error estimate
+
+
+def test_summary_and_report_give_the_paired_ppl_margin_against_the_best_baseline():
+    res = _matched_results()
+    res["full"]["row_nll"] = [2.0, 2.0, 2.0]
+    res["dms-cr2"]["row_nll"] = [2.01, 2.02, 2.00]
+    res["sliding_window@cr2"]["row_nll"] = [2.00, 2.01, 2.00]  # the best nominal baseline by ppl
+    res["h2o@cr2"]["row_nll"] = [1.0, 1.0, 1.0]  # not the best by ppl_increase: never paired
+    res["sliding_window@cr2-matched"]["row_nll"] = [2.02, 2.03, 2.01]
+    s = summarize(res, [2.0, 8.0], {2.0: "dms-cr2", 8.0: "dms-cr8"}, ["sliding_window", "h2o"], {})
+    assert s["ppl_margin_cr2"] == pytest.approx(math.expm1(0.01 / 3 * 2))
+    assert s["ppl_margin_se_cr2"] == pytest.approx(statistics.stdev([0.01, 0.01, 0.0]) / math.sqrt(3))
+    assert s["ppl_margin_cr2_matched"] == pytest.approx(math.expm1(-0.01))
+    assert s["ppl_margin_se_cr2_matched"] == pytest.approx(0.0, abs=1e-12)
+    assert "ppl_margin_cr8" not in s and s["ppl_rows"] == 3  # no rows kept at CR 8: no paired figure
+    meta = {"command": "c", "device": "d", "versions": {}, "date": "t", "context": 4096}
+    md = markdown_section(res, ["full", "dms-cr2"], s, meta, [])
+    assert f"| +0.005 | {s['ppl_margin_cr2']:+.3g} +- {s['ppl_margin_se_cr2']:.2g} | 0.9 |" in md
+    assert "| 8 | nominal: CR 8, 512 tokens | 0.05 | 0.06 (sliding_window) | -0.01 | - |" in md
 
 
 WORDS = ("the kernel module loads a driver when the device appears and the user space daemon reads its "
