@@ -6,10 +6,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 KL_DIRECTIONS = ("forward", "reverse")
-# one_sided: the paper's relu(target - achieved); evicting more than asked costs nothing, so where the distillation
-# barely resists (far tokens the teacher hardly uses) the achieved CR can overshoot (session 11: decision CR 18.9 for
-# a target of 11). two_sided: |target - achieved|, which also pulls an overshoot back to the target.
-COMPRESSION_LOSSES = ("one_sided", "two_sided")
 
 
 def _chunk_kl(student_h, teacher_logits, weight, bias, direction: str):
@@ -69,16 +65,12 @@ def chunked_distillation_kl(
     return total / idx.numel()
 
 
-def compression_loss(records: dict, target_fraction: float, mode: str = "one_sided") -> tuple[torch.Tensor, torch.Tensor]:
-    """One-sided ``relu(target_fraction - mean(hard decisions))`` over all layers and heads (DESIGN.md), or with
-    ``mode="two_sided"`` ``|target_fraction - mean(hard decisions)|``, which also penalises evicting more than the
-    target asks for.
+def compression_loss(records: dict, target_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-sided ``relu(target_fraction - mean(hard decisions))`` over all layers and heads.
 
     ``records`` is ``DMSState.records`` of the last student forward ({layer: {"evicted": [Hkv], "count"}}).
     Returns (loss, achieved eviction fraction).
     """
-    if mode not in COMPRESSION_LOSSES:
-        raise ValueError(f"compression loss must be one of {COMPRESSION_LOSSES}; got {mode!r}")
     if not records:
         raise RuntimeError("no DMS decisions were recorded: was the student forward run with DMS enabled?")
     recs = list(records.values())
@@ -89,5 +81,4 @@ def compression_loss(records: dict, target_fraction: float, mode: str = "one_sid
     else:
         n = sum(r["count"] * r["evicted"].numel() for r in recs)
     frac = ev / torch.as_tensor(n, device=ev.device).clamp(min=1)
-    gap = target_fraction - frac
-    return (gap.abs() if mode == "two_sided" else F.relu(gap)), frac.detach()
+    return F.relu(target_fraction - frac), frac.detach()

@@ -84,9 +84,6 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3, help="retrofit lr for adapter-only runs")
     p.add_argument("--full-lr", type=float, default=3e-4, help="retrofit lr for full fine-tune runs")
-    p.add_argument("--compression-loss", default="one_sided", choices=("one_sided", "two_sided"),
-                   help="retrofit compression loss: relu(target - achieved) (the paper's) or |target - achieved| "
-                        "(also pulls an overshoot of the decision-CR target back)")
     p.add_argument("--attention", default="eager", choices=("auto", "eager", "flex", "triton"),
                    help="DMS training-attention kernel of the retrofits")
     p.add_argument("--eval-attention", default="eager", choices=("auto", "eager", "flex", "triton"),
@@ -299,8 +296,7 @@ def _main(args, argv, device) -> int:
                 continue
             t = time.time()
             cfg = bench.retrofit_config(spec, base_dir, mix, out, args.steps, args.seq_len, args.batch_size,
-                                        args.attention, args.seed, progress, dtype=args.retrofit_dtype,
-                                        compression_loss=args.compression_loss)
+                                        args.attention, args.seed, progress, dtype=args.retrofit_dtype)
             try:
                 summary = run_retrofit(cfg, log=print)
             except Exception as e:  # a single-shot GPU run keeps going: the report names what failed
@@ -466,7 +462,6 @@ def _main(args, argv, device) -> int:
                             "window_share": args.window_share,
                             "window_share_at": {f"{c:g}": v for c, v in args.window_share_at.items()},
                             "attention": args.attention, "dtype": args.retrofit_dtype,
-                            "compression_loss": args.compression_loss,
                             "cr_definition": args.cr_definition, "eval_context": args.ppl_len,
                             "eval_attention": args.eval_attention, "runs": runs_meta},
                "timings_s": timings,

@@ -47,7 +47,6 @@ FLAGS = {
     "--mixed-precision": ("train", "mixed_precision", str),
     "--kl-direction": ("train", "kl_direction", str),
     "--compression-weight": ("train", "compression_weight", float),
-    "--compression-loss": ("train", "compression_loss", str),
     "--seed": ("train", "seed", int),
     "--output": ("train", "output", str),
     "--resume": ("train", "resume", str),

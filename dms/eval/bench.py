@@ -76,8 +76,7 @@ class RunSpec:
 
 
 def retrofit_config(spec: RunSpec, base_dir, data_file, out_dir, steps: int, seq_len: int, batch_size: int,
-                    attention_impl: str, seed: int, progress: bool, dtype: str = "float32",
-                    compression_loss: str = "one_sided"):
+                    attention_impl: str, seed: int, progress: bool, dtype: str = "float32"):
     from ..training import RetrofitConfig
 
     return RetrofitConfig.from_dict({
@@ -87,8 +86,7 @@ def retrofit_config(spec: RunSpec, base_dir, data_file, out_dir, steps: int, seq
         "train": {"steps": steps, "cr": spec.decision_target, "lr": spec.lr, "batch_size": batch_size,
                   "output": str(out_dir),
                   "overwrite": True, "save_every": steps, "log_every": 10, "eval_batches": 2,
-                  "trainable": spec.trainable, "seed": seed, "progress": progress,
-                  "compression_loss": compression_loss},
+                  "trainable": spec.trainable, "seed": seed, "progress": progress},
     })
 
 

@@ -44,7 +44,6 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     compression_weight: float = 1.0
-    compression_loss: str = "one_sided"  # or "two_sided" (dms.losses.COMPRESSION_LOSSES)
     kl_direction: str = "forward"
     kl_chunk: int = 1024
     trainable: str = "adapter"
@@ -80,9 +79,6 @@ class TrainConfig:
             raise ValueError(f"--mixed-precision must be one of {MIXED_PRECISION}; got {self.mixed_precision!r}")
         if self.kl_direction not in ("forward", "reverse"):
             raise ValueError(f"--kl-direction must be forward or reverse; got {self.kl_direction!r}")
-        if self.compression_loss not in ("one_sided", "two_sided"):
-            raise ValueError(f"--compression-loss must be one_sided (relu(target - achieved), the paper's) or two_sided "
-                             f"(|target - achieved|: also pulls an overshoot back); got {self.compression_loss!r}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1; got {self.keep_last}")
         if self.cr_warmup_steps is None:

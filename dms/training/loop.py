@@ -42,15 +42,13 @@ class DistillationModule(torch.nn.Module):
     weights), or a frozen copy of the original model for full fine-tuning.
     """
 
-    def __init__(self, model, teacher=None, kl_chunk: int = 1024, kl_direction: str = "forward", lora: bool = False,
-                 compression: str = "one_sided"):
+    def __init__(self, model, teacher=None, kl_chunk: int = 1024, kl_direction: str = "forward", lora: bool = False):
         super().__init__()
         self.model = model
         self.teacher = teacher  # registered only for full fine-tuning; frozen
         self.kl_chunk = kl_chunk
         self.kl_direction = kl_direction
         self.lora = lora
-        self.compression = compression
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -76,7 +74,7 @@ class DistillationModule(torch.nn.Module):
         lm_head = self.model.get_output_embeddings()
         t_head = self.teacher.get_output_embeddings() if self.teacher is not None else None
         kl = chunked_distillation_kl(s_hidden, t_hidden, lm_head, mask, self.kl_chunk, self.kl_direction, t_head)
-        comp, frac = compression_loss(state.records, target_fraction, self.compression)
+        comp, frac = compression_loss(state.records, target_fraction)
         return kl, comp, frac, state.records
 
 
@@ -581,7 +579,7 @@ def _run(cfg, acc, preempt, log, tqdm, set_seed) -> dict:
     set_seed(t.seed)
     model, tok, base_path = build_model_and_tokenizer(cfg, acc.is_main_process)
     model, teacher, params, lora = prepare_student(cfg, model)
-    module = DistillationModule(model, teacher, t.kl_chunk, t.kl_direction, lora, t.compression_loss)
+    module = DistillationModule(model, teacher, t.kl_chunk, t.kl_direction, lora)
     _register_heads_for_zero3(module, acc)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     n_trainable = sum(p.numel() for p in params)

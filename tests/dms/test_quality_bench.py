@@ -102,10 +102,6 @@ def test_retrofit_config_trains_for_the_decision_target(tmp_path):
     cfg = retrofit_config(spec, tmp_path, tmp_path / "mix.jsonl.gz", tmp_path / "out", 10, 4096, 2, "auto", 0, False,
                           dtype="bfloat16")
     assert cfg.train.cr == 10.3 and cfg.model.dtype == "bfloat16" and cfg.dms.window == 128
-    assert cfg.train.compression_loss == "one_sided"
-    two = retrofit_config(spec, tmp_path, tmp_path / "mix.jsonl.gz", tmp_path / "out", 10, 4096, 2, "auto", 0, False,
-                          compression_loss="two_sided")
-    assert two.train.compression_loss == "two_sided"
     assert RunSpec("x", 4.0, 0).decision_target == 4.0
 
 
