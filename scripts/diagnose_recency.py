@@ -13,7 +13,10 @@ The diagnosis behind docs/benchmarks.md "Session 11" (results/quality_cr2_diag_s
 Rows are scored one at a time, so per-row figures pair across systems (mean and standard error of differences).
 """
 import argparse
-import json, math, os, sys, time, traceback
+import json
+import math
+import time
+import traceback
 from pathlib import Path
 import torch
 import dms
