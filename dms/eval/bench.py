@@ -161,6 +161,37 @@ def paired_ppl_margin(a: dict | None, b: dict | None) -> tuple[float, float | No
     return math.expm1(m), se, n
 
 
+RETRIEVAL_TASKS = ("passkey", "multikey")  # what retrieval_accuracy averages (dms.eval.suite.run_tasks)
+
+
+def paired_retrieval_margin(a: dict | None, b: dict | None, base: float | None) -> tuple[float, float, int] | None:
+    """System ``a``'s retrieval accuracy minus system ``b``'s on the same task examples, paired by example (their
+    ``correct_by_task``), as a fraction of the base's accuracy ``base`` (the unit of the report's retrieval ratios).
+
+    Returns ``(margin, standard error, examples)``. Retrieval accuracy is the mean over the retrieval tasks of each
+    task's accuracy, so the margin is the mean over tasks of the per-example mean difference, and its variance is
+    the sum over tasks of (sample variance of the differences / examples) over (tasks squared); exact for one prompt
+    length per task (or the same number of examples at each). None when either lacks the examples, they differ in
+    number, or ``base`` is missing or 0.
+    """
+    x, y = (a or {}).get("correct_by_task") or {}, (b or {}).get("correct_by_task") or {}
+    tasks = [t for t in RETRIEVAL_TASKS if x.get(t) and y.get(t)]
+    if not base or not tasks or any(len(x[t]) != len(y[t]) for t in tasks) \
+            or any(t in x or t in y for t in RETRIEVAL_TASKS if t not in tasks):
+        return None
+    m = var = 0.0
+    n = 0
+    for t in tasks:
+        d = [p - q for p, q in zip(x[t], y[t])]
+        k = len(d)
+        mt = sum(d) / k
+        m += mt
+        var += (sum((v - mt) ** 2 for v in d) / (k - 1) / k) if k > 1 else 0.0
+        n += k
+    T = len(tasks)
+    return m / T / base, math.sqrt(var) / T / base, n
+
+
 def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float, str], baselines: list[str],
               run_rows: dict[str, list[dict]], targets: dict[str, float] | None = None) -> dict:
     """The summary object of docs/results/quality.json (fractions, not percents).
@@ -176,7 +207,9 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
 
     ``ppl_margin_crX(_matched)`` is DMS's perplexity over that of the best baseline by perplexity, minus 1, paired
     by row (:func:`paired_ppl_margin`; below 0: DMS better), and ``ppl_margin_se_crX(_matched)`` its standard error
-    over the ``ppl_rows`` rows: how far the perplexity verdict is from noise.
+    over the ``ppl_rows`` rows: how far the perplexity verdict is from noise. ``retrieval_margin_crX(_matched)``
+    and ``retrieval_margin_se_crX(_matched)`` do the same for retrieval against the best baseline by retrieval,
+    paired by task example (:func:`paired_retrieval_margin`, in units of the base's accuracy; above 0: DMS better).
     """
     targets = targets or {}
     base = results.get("full", {})
@@ -216,6 +249,7 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
         _paired(s, tag, d, dict(rows(cr, False)).get(bpn))
         s[f"best_baseline_retrieval_ratio_{tag}"] = _frac(br, base_ret)
         s[f"best_baseline_retrieval_ratio_{tag}_policy"] = brn
+        _paired_retrieval(s, tag, d, dict(rows(cr, False)).get(brn), base_ret)
         s[f"dms_memory_cr_{tag}"] = d.get("memory_cr")
         s[f"dms_decision_cr_{tag}"] = d.get("decision_cr")
         won = beats(d, rows(cr, False)) if d else []
@@ -230,6 +264,7 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
         _paired(s, tag + "_matched", d, dict(matched).get(bpn))
         s[f"best_baseline_retrieval_ratio_{tag}_matched"] = _frac(br, base_ret)
         s[f"best_baseline_retrieval_ratio_{tag}_matched_policy"] = brn
+        _paired_retrieval(s, tag + "_matched", d, dict(matched).get(brn), base_ret)
         s[f"matched_budget_{tag}"] = matched[0][1]["cr"] if matched else None
         s[f"dms_beats_every_baseline_{tag}_matched"] = all(beats(d, matched)) if matched else None
     s["base_retrieval_accuracy"] = base_ret
@@ -244,6 +279,14 @@ def _paired(s: dict, tag: str, dms_row: dict, baseline_row: dict | None):
     p = paired_ppl_margin(dms_row, baseline_row)
     if p is not None:
         s[f"ppl_margin_{tag}"], s[f"ppl_margin_se_{tag}"] = p[0], p[1]
+
+
+def _paired_retrieval(s: dict, tag: str, dms_row: dict, baseline_row: dict | None, base: float | None):
+    """``retrieval_margin_<tag>`` and ``retrieval_margin_se_<tag>`` of :func:`summarize` (nothing if examples are
+    missing)."""
+    p = paired_retrieval_margin(dms_row, baseline_row, base)
+    if p is not None:
+        s[f"retrieval_margin_{tag}"], s[f"retrieval_margin_se_{tag}"] = p[0], p[1]
 
 
 def _series(results, prefix_fn, crs, key):
@@ -444,7 +487,8 @@ def margins_table(summary: dict, context: int) -> list[str]:
            "per KV head. *Matched*: they run at the memory CR that the DMS row achieved, i.e. its tokens held "
            "(rounded up).", "",
            "*Paired ppl*: DMS's perplexity over that baseline's, minus 1, on the same rows, with its standard error over "
-           "the rows (a margin within about two standard errors of 0 is a tie within noise).", "",
+           "the rows (a margin within about two standard errors of 0 is a tie within noise). Where the evaluation kept "
+           "each example's result, the retrieval margin carries its standard error too (+- se, paired by example).", "",
            "| CR | budget of the baselines | DMS ppl increase | best baseline ppl increase | ppl margin | "
            "paired ppl (+- se) | DMS retrieval ratio | best baseline retrieval ratio | retrieval margin | "
            "DMS beats every baseline |",
@@ -465,8 +509,13 @@ def margins_table(summary: dict, context: int) -> list[str]:
             out.append(f"| {cr:g} | {label} | {_fmt(dp)} | "
                        f"{best(bp, summary.get(f'best_baseline_ppl_increase_{tag}{sfx}_policy'))} | {margin(dp, bp)} | "
                        f"{paired} | {_fmt(dr)} | {best(br, summary.get(f'best_baseline_retrieval_ratio_{tag}{sfx}_policy'))} | "
-                       f"{margin(dr, br)} | {_fmt(summary.get(f'dms_beats_every_baseline_{tag}{sfx}'))} |")
+                       f"{margin(dr, br)}{_se(summary.get(f'retrieval_margin_se_{tag}{sfx}'))} | "
+                       f"{_fmt(summary.get(f'dms_beats_every_baseline_{tag}{sfx}'))} |")
     return out
+
+
+def _se(v) -> str:
+    return "" if v is None else f" +- {v:.2g}"
 
 
 def _quest_note(accounting: str) -> str:

@@ -383,13 +383,16 @@ def run_tasks(system, tokenizer, examples: list[Example], cfg: EvalConfig, progr
                 progress.update(1)
         per[f"{task}@{L}"] = correct / len(exs)
     acc = {t: _mean([v for k, v in per.items() if k.startswith(t + "@")]) for t in TASKS}
+    # 1/0 per example and task, in example order (the same examples for every system): for paired comparisons
+    # (dms.eval.bench.paired_retrieval_margin).
+    by_task = {t: [int(r["correct"]) for r in rows if r["task"] == t] for t in TASKS}
     retrieval = _mean([acc[t] for t in ("passkey", "multikey") if acc.get(t) is not None])
     layers = system.model.config.num_hidden_layers
     return {"accuracy": per, "task_accuracy": acc, "retrieval_accuracy": retrieval,
             "mean_accuracy": _mean([a for a in acc.values() if a is not None]),
             "decode_kv_reads": reads, **quest, "peak_tokens_held_per_row": peak,
             "generation_memory_cr": seen * layers * _num_kv(system.model) / max(held, 1),
-            "answers": rows}
+            "correct_by_task": {t: v for t, v in by_task.items() if v}, "answers": rows}
 
 
 def _mean(xs):

@@ -91,6 +91,12 @@ def test_perplexity_keeps_each_rows_nll_for_paired_comparisons(tok, data):
     assert math.exp(sum(r["row_nll"]) / 2) == pytest.approx(r["ppl"], rel=1e-6)
     assert math.exp(sum(r["row_nll_teacher"]) / 2) == pytest.approx(r["teacher_ppl"], rel=1e-6)
     assert r["row_nll"] != r["row_nll_teacher"]  # a 16-token window changes 64-token rows
+    # task results per example, in example order, for paired retrieval comparisons
+    got = r["correct_by_task"]
+    assert set(got) == {"passkey", "multikey", "variable_tracking"} and all(len(v) == 2 for v in got.values())
+    for t, v in got.items():
+        assert sum(v) / len(v) == pytest.approx(r["task_accuracy"][t]) and set(v) <= {0, 1}
+    assert r["retrieval_accuracy"] == pytest.approx((r["task_accuracy"]["passkey"] + r["task_accuracy"]["multikey"]) / 2)
 
 
 def test_document_rows_never_cross_a_document_boundary(tok, corpus):

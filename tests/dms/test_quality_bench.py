@@ -257,6 +257,38 @@ def test_summary_and_report_give_the_paired_ppl_margin_against_the_best_baseline
     assert "| 8 | nominal: CR 8, 512 tokens | 0.05 | 0.06 (sliding_window) | -0.01 | - |" in md
 
 
+def test_paired_retrieval_margin_is_exact_in_base_units_with_a_per_task_standard_error():
+    from dms.eval.bench import paired_retrieval_margin
+
+    a = {"correct_by_task": {"passkey": [1, 1, 1, 0], "multikey": [1, 0, 1, 1, 1, 1], "variable_tracking": [0]}}
+    b = {"correct_by_task": {"passkey": [1, 0, 0, 0], "multikey": [1, 0, 1, 0, 1, 1], "variable_tracking": [1]}}
+    m, se, n = paired_retrieval_margin(a, b, 0.8)
+    # retrieval = mean of the passkey and multikey accuracies (variable tracking is not retrieval)
+    acc = lambda r, t: sum(r["correct_by_task"][t]) / len(r["correct_by_task"][t])
+    ra, rb = [(acc(r, "passkey") + acc(r, "multikey")) / 2 for r in (a, b)]
+    assert n == 10 and m == pytest.approx((ra - rb) / 0.8)
+    var = statistics.variance([0, 1, 1, 0]) / 4 + statistics.variance([0, 0, 0, 1, 0, 0]) / 6
+    assert se == pytest.approx(math.sqrt(var) / 2 / 0.8)
+    assert paired_retrieval_margin(a, {"correct_by_task": {"passkey": [1], "multikey": [1] * 6}}, 0.8) is None
+    assert paired_retrieval_margin(a, {"correct_by_task": {"multikey": [1] * 6}}, 0.8) is None  # a task missing
+    assert paired_retrieval_margin(a, b, None) is None and paired_retrieval_margin(a, {}, 0.8) is None
+
+
+def test_summary_and_report_give_the_paired_retrieval_margin_against_the_best_baseline():
+    res = _matched_results()  # base retrieval 1.0; best nominal CR-2 baseline by retrieval: h2o (0.60)
+    # examples that give the rows' accuracies: DMS 0.9, h2o 0.6
+    res["dms-cr2"]["correct_by_task"] = {"passkey": [1] * 9 + [0], "multikey": [0] + [1] * 9}
+    res["h2o@cr2"]["correct_by_task"] = {"passkey": [1] * 6 + [0] * 4, "multikey": [0] * 4 + [1] * 6}
+    res["sliding_window@cr2"]["correct_by_task"] = {"passkey": [0] * 10, "multikey": [0] * 10}  # not the best: unpaired
+    s = summarize(res, [2.0, 8.0], {2.0: "dms-cr2", 8.0: "dms-cr8"}, ["sliding_window", "h2o"], {})
+    assert s["best_baseline_retrieval_ratio_cr2_policy"] == "h2o"
+    assert s["retrieval_margin_cr2"] == pytest.approx(0.9 - 0.6)
+    assert s["retrieval_margin_se_cr2"] > 0 and "retrieval_margin_cr2_matched" not in s  # matched rows lack examples
+    meta = {"command": "c", "device": "d", "versions": {}, "date": "t", "context": 4096}
+    md = markdown_section(res, ["full", "dms-cr2"], s, meta, [])
+    assert f"| 0.6 (h2o) | +0.3 +- {s['retrieval_margin_se_cr2']:.2g} | no |" in md
+
+
 WORDS = ("the kernel module loads a driver when the device appears and the user space daemon reads its "
          "configuration file before it starts the service on every boot").split()
 
