@@ -18,10 +18,9 @@ import math
 import time
 import traceback
 from pathlib import Path
-import torch
 import dms
 from dms.eval import DMSSystem, EvalConfig, PolicySystem
-from dms.eval.suite import perplexity_and_kl
+from dms.eval.suite import document_rows, perplexity_and_kl
 from dms.eval import bench
 from dms.eval.bench import RunSpec, decision_target
 from dms.eval.tasks import read_corpus, token_stream
@@ -46,13 +45,8 @@ base, tok = bench.load_plain(args.base, dev)
 texts = read_corpus(Path(args.corpus) / "validation.jsonl.gz", None)
 stream = token_stream(tok, texts)
 packed = stream[: ((stream.numel() - 1) // T) * T].view(-1, T)
-rows = []
-for t in texts:
-    ids = tok(t, add_special_tokens=False)["input_ids"]
-    rows += [ids[s:s + T] for s in range(0, len(ids) - T + 1, T)]
-indoc = torch.tensor(rows, dtype=torch.long)
 NR = args.rows
-sets = {"packed": packed[:NR], "indoc": indoc[:NR]}
+sets = {"packed": packed[:NR], "indoc": document_rows(tok, texts, T, NR)}
 print({k: tuple(v.shape) for k, v in sets.items()}, flush=True)
 cfg = EvalConfig(lengths=[T], n_per_task=1, ppl_rows=0, ppl_len=T, batch_size=8, ppl_batch_size=1, prefill_chunk=256)
 res = {}

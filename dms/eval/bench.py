@@ -242,17 +242,18 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
         d = dms(cr)
         s[f"ppl_increase_{tag}"] = d.get("ppl_increase")
         s[f"retrieval_ratio_{tag}"] = _frac(d.get("retrieval_accuracy"), base_ret)
+        nominal = rows(cr, False)
         bp, bpn = best_baseline(cr, "ppl_increase", higher=False)
         br, brn = best_baseline(cr, "retrieval_accuracy", higher=True)
         s[f"best_baseline_ppl_increase_{tag}"] = bp
         s[f"best_baseline_ppl_increase_{tag}_policy"] = bpn
-        _paired(s, tag, d, dict(rows(cr, False)).get(bpn))
+        _put_paired(s, "ppl_margin", tag, paired_ppl_margin(d, dict(nominal).get(bpn)))
         s[f"best_baseline_retrieval_ratio_{tag}"] = _frac(br, base_ret)
         s[f"best_baseline_retrieval_ratio_{tag}_policy"] = brn
-        _paired_retrieval(s, tag, d, dict(rows(cr, False)).get(brn), base_ret)
+        _put_paired(s, "retrieval_margin", tag, paired_retrieval_margin(d, dict(nominal).get(brn), base_ret))
         s[f"dms_memory_cr_{tag}"] = d.get("memory_cr")
         s[f"dms_decision_cr_{tag}"] = d.get("decision_cr")
-        won = beats(d, rows(cr, False)) if d else []
+        won = beats(d, nominal) if d else []
         s[f"dms_beats_every_baseline_{tag}"] = bool(won) and all(won)
         if main_runs.get(cr) in run_rows:
             s[f"steps_to_{tag}"] = steps_to_cr(run_rows[main_runs[cr]], targets.get(main_runs[cr], cr))
@@ -261,10 +262,10 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
         br, brn = best_baseline(cr, "retrieval_accuracy", higher=True, matched=True)
         s[f"best_baseline_ppl_increase_{tag}_matched"] = bp
         s[f"best_baseline_ppl_increase_{tag}_matched_policy"] = bpn
-        _paired(s, tag + "_matched", d, dict(matched).get(bpn))
+        _put_paired(s, "ppl_margin", tag + "_matched", paired_ppl_margin(d, dict(matched).get(bpn)))
         s[f"best_baseline_retrieval_ratio_{tag}_matched"] = _frac(br, base_ret)
         s[f"best_baseline_retrieval_ratio_{tag}_matched_policy"] = brn
-        _paired_retrieval(s, tag + "_matched", d, dict(matched).get(brn), base_ret)
+        _put_paired(s, "retrieval_margin", tag + "_matched", paired_retrieval_margin(d, dict(matched).get(brn), base_ret))
         s[f"matched_budget_{tag}"] = matched[0][1]["cr"] if matched else None
         s[f"dms_beats_every_baseline_{tag}_matched"] = all(beats(d, matched)) if matched else None
     s["base_retrieval_accuracy"] = base_ret
@@ -274,19 +275,11 @@ def summarize(results: dict[str, dict], crs: list[float], main_runs: dict[float,
     return s
 
 
-def _paired(s: dict, tag: str, dms_row: dict, baseline_row: dict | None):
-    """``ppl_margin_<tag>`` and ``ppl_margin_se_<tag>`` of :func:`summarize` (nothing if rows are missing)."""
-    p = paired_ppl_margin(dms_row, baseline_row)
-    if p is not None:
-        s[f"ppl_margin_{tag}"], s[f"ppl_margin_se_{tag}"] = p[0], p[1]
-
-
-def _paired_retrieval(s: dict, tag: str, dms_row: dict, baseline_row: dict | None, base: float | None):
-    """``retrieval_margin_<tag>`` and ``retrieval_margin_se_<tag>`` of :func:`summarize` (nothing if examples are
-    missing)."""
-    p = paired_retrieval_margin(dms_row, baseline_row, base)
-    if p is not None:
-        s[f"retrieval_margin_{tag}"], s[f"retrieval_margin_se_{tag}"] = p[0], p[1]
+def _put_paired(s: dict, key: str, tag: str, paired: tuple | None):
+    """``<key>_<tag>`` and ``<key>_se_<tag>`` of :func:`summarize` from a ``paired_*_margin`` result (nothing when
+    it is None: rows or examples missing)."""
+    if paired is not None:
+        s[f"{key}_{tag}"], s[f"{key}_se_{tag}"] = paired[0], paired[1]
 
 
 def _series(results, prefix_fn, crs, key):

@@ -308,12 +308,13 @@ def perplexity_and_kl(system, teacher, rows: torch.Tensor, cfg: EvalConfig, prog
         tl = torch.log_softmax(t_logits[:, :-1], -1)
         sl = torch.log_softmax(s_logits[:, :-1], -1)
         tgt = ids[:, 1:, None]
-        rt = -tl.gather(-1, tgt).squeeze(-1).sum(-1)  # [B] summed NLL of each row
-        rs = -sl.gather(-1, tgt).squeeze(-1).sum(-1)
-        nll_t += float(rt.sum())
-        nll_s += float(rs.sum())
-        row_t += (rt / tgt.shape[1]).tolist()
-        row_s += (rs / tgt.shape[1]).tolist()
+        # summed NLL of each row, fetched once: the totals and the per-row means both come from it
+        rt = (-tl.gather(-1, tgt).squeeze(-1).sum(-1)).tolist()
+        rs = (-sl.gather(-1, tgt).squeeze(-1).sum(-1)).tolist()
+        nll_t += sum(rt)
+        nll_s += sum(rs)
+        row_t += [v / tgt.shape[1] for v in rt]
+        row_s += [v / tgt.shape[1] for v in rs]
         kl += float((tl.exp() * (tl - sl)).sum())
         n_tok += tgt.numel()
         if tally is not None:
